@@ -1,0 +1,34 @@
+"""The distribution installs `formats/` and `cli/` as `deepcompress.formats` and `deepcompress.cli`."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_editable_install_imports_subpackages():
+    import deepcompress.cli
+    import deepcompress.formats
+
+    assert Path(deepcompress.formats.__file__).parent == ROOT / "formats"
+    assert Path(deepcompress.cli.__file__).parent == ROOT / "cli"
+
+
+@pytest.mark.slow
+def test_wheel_contains_subpackages(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("deepcompress-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "deepcompress/__init__.py" in names
+    assert "deepcompress/formats/__init__.py" in names
+    assert "deepcompress/formats/dcz.py" in names
+    assert "deepcompress/formats/SPEC.md" in names
+    assert "deepcompress/cli/main.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
