@@ -1,0 +1,343 @@
+"""The `.dcz` container: a streaming writer and a reader that trusts nothing (see SPEC.md).
+
+Layout: a 16-byte preamble, the streams of every tensor back to back, a zstd-compressed JSON
+header that lists them, and a 32-byte trailer pointing at the header. Every part is covered by
+a CRC32, so any flipped bit is caught on read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from . import codec, streams
+from .errors import DczError
+
+MAGIC = b"\x89DCZ\r\n\x1a\n"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sII")  # magic, version, crc32 of the first 12 bytes
+TRAILER = struct.Struct("<QQQII")  # header offset, header length, raw length, header crc, own crc
+MAX_HEADER_BYTES = 1 << 26
+MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it
+MAX_DIMS = 32
+_STREAM_KEYS = {"offset", "length", "crc32", "coding", "count"}
+
+
+def _u64(x: object) -> bool:
+    return type(x) is int and 0 <= x < (1 << 63)
+
+
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype)
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable,
+          metadata: Mapping | None = None, progress: Iterator | None = None) -> int:
+    """Write tensors (a mapping or an iterable of (name, tensor)) to a .dcz; returns its size.
+
+    One tensor is encoded and written at a time, so memory follows the largest tensor. The file
+    appears whole or not at all (written to a temporary file, then renamed).
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    path = Path(path)
+    meta = json.loads(json.dumps(dict(metadata or {}), allow_nan=False))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            head = MAGIC + struct.pack("<I", VERSION)
+            f.write(head + struct.pack("<I", zlib.crc32(head)))
+            offset = PREAMBLE.size
+            entries: list[dict] = []
+            seen: dict[tuple, str] = {}
+            names: set[str] = set()
+            for name, tensor in items:
+                if not isinstance(name, str) or not name or name in names:
+                    raise ValueError(f"tensor name {name!r} is empty, not a string or repeated")
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+                names.add(name)
+                entry = {"name": name, "dtype": codec.dtype_name(tensor.dtype),
+                         "shape": list(tensor.shape)}
+                key = _storage_key(tensor)
+                if key is not None and key in seen:
+                    entries.append({**entry, "encoding": "alias", "alias_of": seen[key]})
+                    continue
+                if key is not None:
+                    seen[key] = name
+                encoded = codec.encode_tensor(tensor)
+                entry.update(encoded.fields)
+                entry["streams"] = {}
+                for sname, stream in encoded.streams.items():
+                    f.write(stream.payload)
+                    entry["streams"][sname] = {
+                        "offset": offset, "length": len(stream.payload),
+                        "crc32": zlib.crc32(stream.payload), "coding": stream.coding,
+                        "count": stream.count}
+                    offset += len(stream.payload)
+                entries.append(entry)
+                if progress is not None:
+                    next(progress, None)
+            raw = json.dumps({"tensors": entries, "metadata": meta}, separators=(",", ":"),
+                             allow_nan=False).encode()
+            header = zstandard.ZstdCompressor(level=19).compress(raw)
+            f.write(header)
+            body = struct.pack("<QQQI", offset, len(header), len(raw), zlib.crc32(header))
+            f.write(body + struct.pack("<I", zlib.crc32(body)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise DczError("header: a JSON object repeats a key")
+    return dict(pairs)
+
+
+def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: int) -> dict:
+    """Validate one header entry against the schema; returns it."""
+    where = f"header: tensor #{index}"
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+        raise DczError(f"{where}: not an object with a non-empty name")
+    name = e["name"]
+    where = f"header: tensor {name!r}"
+    if name in earlier:
+        raise DczError(f"{where}: name repeated")
+    if e.get("dtype") not in codec.DTYPES:
+        raise DczError(f"{where}: unknown dtype {e.get('dtype')!r}")
+    shape = e.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(_u64(d) for d in shape)):
+        raise DczError(f"{where}: bad shape")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > max_elements:
+        raise DczError(f"{where}: declares {numel} elements, above the reader's limit "
+                       f"of {max_elements}")
+    itemsize = codec.DTYPES[e["dtype"]][1]
+    enc = e.get("encoding")
+    common = {"name", "dtype", "shape", "encoding"}
+    if enc == "alias":
+        target = earlier.get(e.get("alias_of"))
+        if set(e) != common | {"alias_of"} or target is None or target["encoding"] == "alias":
+            raise DczError(f"{where}: alias must name an earlier stored tensor")
+        if target["dtype"] != e["dtype"] or target["shape"] != shape:
+            raise DczError(f"{where}: alias differs in dtype or shape from {e['alias_of']!r}")
+        return e
+    if enc == "raw":
+        if set(e) != common | {"shuffle", "streams"} or type(e["shuffle"]) is not bool:
+            raise DczError(f"{where}: bad raw entry fields")
+        counts = {"data": numel * itemsize}
+    elif enc == "shared":
+        keys = common | {"layout", "nonzero", "clusters", "streams"}
+        if e.get("layout") == "capped":
+            keys |= {"gap_bits"}
+            if type(e.get("gap_bits")) is not int or not 1 <= e["gap_bits"] <= 8:
+                raise DczError(f"{where}: gap_bits must be 1..8")
+        if (set(e) != keys or e["dtype"] not in codec.SHAREABLE
+                or e["layout"] not in ("dense", "capped", "escape")):
+            raise DczError(f"{where}: bad shared entry fields")
+        k, nonzero = e["clusters"], e["nonzero"]
+        if not (_u64(k) and _u64(nonzero) and nonzero <= numel and k <= min(nonzero, 256)):
+            raise DczError(f"{where}: clusters or nonzero out of range")
+        if e["layout"] == "dense" and k > 255:
+            raise DczError(f"{where}: the dense layout holds at most 255 clusters")
+        counts = {"codebook": k * itemsize,
+                  "index": numel if e["layout"] == "dense" else nonzero}
+    else:
+        raise DczError(f"{where}: unknown encoding {enc!r}")
+    got = e["streams"]
+    if not isinstance(got, dict) or set(got) != codec.stream_names(e):
+        raise DczError(f"{where}: wrong set of streams")
+    for sname, s in got.items():
+        if (not isinstance(s, dict) or set(s) != _STREAM_KEYS
+                or not all(_u64(s[k]) for k in ("offset", "length", "count"))
+                or type(s["crc32"]) is not int or not 0 <= s["crc32"] < (1 << 32)
+                or s["coding"] not in streams.CODINGS):
+            raise DczError(f"{where}: bad {sname} stream record")
+        if sname in counts and s["count"] != counts[sname]:
+            raise DczError(f"{where}: {sname} stream holds {s['count']} symbols, "
+                           f"expected {counts[sname]}")
+    if "gaps" in got and not nonzero <= got["gaps"]["count"] <= max(numel, nonzero):
+        raise DczError(f"{where}: gaps stream count out of range")
+    if "long_gaps" in got and got["long_gaps"]["count"] > 9 * got["gaps"]["count"]:
+        raise DczError(f"{where}: long_gaps stream count out of range")
+    return e
+
+
+class DczFile(Mapping):
+    """An open .dcz: validated header up front; each tensor decoded when first asked for."""
+
+    def __init__(self, path: str | os.PathLike, max_elements: int = MAX_ELEMENTS):
+        """Open and validate the file's preamble, trailer and header (no tensor is decoded)."""
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._parse(max_elements)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        got = os.preadv(self._fd, [buf], offset) if length else 0
+        if got != length:
+            raise DczError(f"{self.path}: file changed while reading")
+        return buf
+
+    def _parse(self, max_elements: int) -> None:
+        size = os.fstat(self._fd).st_size
+        self.file_bytes = size
+        if size < PREAMBLE.size + TRAILER.size:
+            raise DczError(f"{self.path}: preamble: file too short ({size} bytes) to be a .dcz")
+        magic, version, crc = PREAMBLE.unpack(self._read(0, PREAMBLE.size))
+        if magic != MAGIC:
+            raise DczError(f"{self.path}: preamble: not a .dcz file (wrong magic bytes)")
+        if zlib.crc32(MAGIC + struct.pack("<I", version)) != crc:
+            raise DczError(f"{self.path}: preamble: checksum mismatch")
+        if version != VERSION:
+            raise DczError(f"{self.path}: preamble: format version {version} is not supported "
+                           f"(this reader reads version {VERSION}); upgrade deepcompress")
+        trailer = self._read(size - TRAILER.size, TRAILER.size)
+        h_off, h_len, h_raw, h_crc, t_crc = TRAILER.unpack(trailer)
+        if zlib.crc32(trailer[:-4]) != t_crc:
+            raise DczError(f"{self.path}: trailer: checksum mismatch (file truncated or corrupt)")
+        if h_off < PREAMBLE.size or h_off + h_len != size - TRAILER.size:
+            raise DczError(f"{self.path}: trailer: header position does not fit the file")
+        if h_raw > MAX_HEADER_BYTES:
+            raise DczError(f"{self.path}: header: declared size {h_raw} is too large")
+        stored = self._read(h_off, h_len)
+        if zlib.crc32(stored) != h_crc:
+            raise DczError(f"{self.path}: header: checksum mismatch")
+        raw = streams.zstd_decompress(bytes(stored), h_raw, f"{self.path}: header")
+        try:
+            doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, DczError):
+                raise DczError(f"{self.path}: {exc}") from None
+            raise DczError(f"{self.path}: header: not valid JSON ({exc})") from None
+        if (not isinstance(doc, dict) or set(doc) != {"tensors", "metadata"}
+                or not isinstance(doc["tensors"], list) or not isinstance(doc["metadata"], dict)):
+            raise DczError(f"{self.path}: header: must hold exactly 'tensors' and 'metadata'")
+        entries: dict[str, dict] = {}
+        try:
+            for i, e in enumerate(doc["tensors"]):
+                entries[e["name"] if isinstance(e, dict) else i] = _check_entry(
+                    e, i, entries, max_elements)
+        except DczError as exc:
+            raise DczError(f"{self.path}: {exc}") from None
+        spans = sorted((s["offset"], s["length"]) for e in entries.values()
+                       for s in e.get("streams", {}).values())
+        at = PREAMBLE.size
+        for off, length in spans:
+            if off != at:
+                raise DczError(f"{self.path}: header: streams leave a hole or overlap at byte {at}")
+            at += length
+        if at != h_off:
+            raise DczError(f"{self.path}: header: streams do not end where the header starts")
+        self.entries = entries
+        self.metadata = doc["metadata"]
+        self.header_bytes = h_len
+        self.overhead_bytes = PREAMBLE.size + h_len + TRAILER.size
+
+    def payload(self, name: str, stream: str) -> bytearray:
+        """The checked bytes of one stream of one tensor."""
+        s = self.entries[name]["streams"][stream]
+        data = self._read(s["offset"], s["length"])
+        if zlib.crc32(data) != s["crc32"]:
+            raise DczError(f"{self.path}: tensor {name!r} {stream} stream: checksum mismatch")
+        return data
+
+    def decode(self, name: str) -> torch.Tensor:
+        """Decode one tensor (no caching; aliases decode their target)."""
+        e = self.entries[name]
+        if e["encoding"] == "alias":
+            return self.decode(e["alias_of"])
+        payloads = {k: (s["coding"], s["count"], self.payload(name, k))
+                    for k, s in e["streams"].items()}
+        return codec.decode_tensor(e, e["dtype"], e["shape"], payloads,
+                                   f"{self.path}: tensor {name!r}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor, decoded on first access; tied names give the same tensor object."""
+        if name not in self.entries:
+            raise KeyError(name)
+        root = self.entries[name].get("alias_of", name)
+        if root not in self._cache:
+            self._cache[root] = self.decode(root)
+        return self._cache[root]
+
+    def __iter__(self) -> Iterator[str]:
+        """Tensor names in file order."""
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        """Number of tensors."""
+        return len(self.entries)
+
+    def load(self, names: Iterable[str] | None = None, workers: int | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Decode the named tensors (all by default) in parallel threads; ties preserved."""
+        wanted = list(self.entries) if names is None else list(names)
+        missing = [n for n in wanted if n not in self.entries]
+        if missing:
+            raise KeyError(f"{self.path}: no tensor named {', '.join(map(repr, missing))}")
+        roots = list(dict.fromkeys(self.entries[n].get("alias_of", n) for n in wanted))
+        todo = [r for r in roots if r not in self._cache]
+        workers = workers or min(4, os.cpu_count() or 1)
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                for r, t in zip(todo, pool.map(self.decode, todo)):
+                    self._cache[r] = t
+        else:
+            for r in todo:
+                self._cache[r] = self.decode(r)
+        return {n: self[n] for n in wanted}
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DczFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def read(path: str | os.PathLike, names: Iterable[str] | None = None,
+         max_elements: int = MAX_ELEMENTS) -> dict[str, torch.Tensor]:
+    """Decode the named tensors (all by default) of a .dcz, bit-exact, ties restored."""
+    with DczFile(path, max_elements=max_elements) as f:
+        return f.load(names)
+
+
+def dense_nbytes(entry: dict) -> int:
+    """fp32 size of a tensor entry (the reference for ratios)."""
+    return 4 * int(np.prod(entry["shape"], dtype=np.int64))

@@ -1,0 +1,150 @@
+"""Byte-symbol streams: each is stored as the smallest (or fastest, when nearly as small) coding.
+
+Codings (SPEC.md, "Streams"): `raw` (the bytes), `const` (one byte, repeated), `zstd` (a zstd
+frame of the bytes) and `huffman` (a code-length table, then a canonical Huffman bitstream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from . import huffman
+from .errors import DczError
+
+CODINGS = ("raw", "const", "zstd", "huffman")
+# Streams this long may take zstd (about 50x faster to decode) when within this fraction of
+# Huffman's size; shorter streams always take the smallest coding.
+FAST_MIN_COUNT = 1 << 16
+FAST_TOLERANCE = 0.01
+
+_ZSTD_PARAMS = zstandard.ZstdCompressionParameters.from_level(
+    19, min_match=7, write_content_size=True, write_checksum=False, write_dict_id=False
+)
+_ZSTD_FAST_PARAMS = zstandard.ZstdCompressionParameters.from_level(
+    1, min_match=7, write_content_size=True, write_checksum=False, write_dict_id=False
+)
+
+
+@dataclass
+class Stream:
+    """An encoded stream: its coding, its symbol count and its payload bytes."""
+
+    coding: str
+    count: int
+    payload: bytes
+
+
+def zstd_compress(data: bytes) -> bytes:
+    """A zstd frame of data: a strong level for small inputs, a fast one for large inputs."""
+    params = _ZSTD_PARAMS if len(data) <= (1 << 16) else _ZSTD_FAST_PARAMS
+    return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+def zstd_decompress(frame: bytes, size: int, what: str) -> bytearray:
+    """Decompress a frame that must hold exactly `size` bytes, into a writable buffer."""
+    out = bytearray(size)
+    try:
+        declared = zstandard.get_frame_parameters(frame).content_size
+        if declared != size:
+            raise DczError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
+        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+        view = memoryview(out)
+        filled = 0
+        while filled < size:
+            got = reader.readinto(view[filled:])
+            if got == 0:
+                break
+            filled += got
+        if filled != size or reader.read(1):
+            raise DczError(f"{what}: zstd frame does not hold exactly {size} bytes")
+    except zstandard.ZstdError as exc:
+        raise DczError(f"{what}: corrupt zstd frame ({exc})") from None
+    return out
+
+
+def _huffman_payload(symbols: np.ndarray, counts: np.ndarray) -> bytes | None:
+    lengths = huffman.code_lengths(counts)
+    if lengths is None:
+        return None
+    used = int(np.flatnonzero(counts).max()) + 1
+    table = bytes([used - 1]) + lengths[:used].tobytes()
+    return table + huffman.encode(symbols, lengths[:used])
+
+
+def huffman_size(counts: np.ndarray) -> int | None:
+    """Bytes a huffman-coded stream with these symbol counts takes (table included)."""
+    lengths = huffman.code_lengths(counts)
+    if lengths is None:
+        return None
+    used = int(np.flatnonzero(counts).max()) + 1
+    return 1 + used + (huffman.encoded_bits(counts, lengths) + 7) // 8
+
+
+def stream_size(counts: np.ndarray) -> int:
+    """Estimated bytes of the stream with these symbol counts (for choosing between layouts)."""
+    n = int(counts.sum())
+    if np.count_nonzero(counts) <= 1:
+        return 1 if n else 0
+    size = huffman_size(counts)
+    return n if size is None else min(size, n)
+
+
+def encode(symbols: np.ndarray) -> Stream:
+    """Encode a uint8 symbol array as the best coding."""
+    symbols = np.ascontiguousarray(symbols, dtype=np.uint8)
+    n = symbols.size
+    if n == 0:
+        return Stream("raw", 0, b"")
+    counts = np.bincount(symbols, minlength=256)
+    if np.count_nonzero(counts) == 1:
+        return Stream("const", n, bytes([int(symbols[0])]))
+    raw = symbols.tobytes()
+    candidates = [Stream("raw", n, raw), Stream("zstd", n, zstd_compress(raw))]
+    hsize = huffman_size(counts)
+    best_small = min(len(c.payload) for c in candidates)
+    if hsize is not None and hsize < best_small:
+        zsize = len(candidates[1].payload)
+        if not (n >= FAST_MIN_COUNT and zsize <= hsize * (1 + FAST_TOLERANCE)):
+            candidates.append(Stream("huffman", n, _huffman_payload(symbols, counts)))
+    return min(candidates, key=lambda c: len(c.payload))
+
+
+def encode_bytes(data: np.ndarray) -> Stream:
+    """Encode arbitrary bytes (tensor data, codebooks, varints): raw, const or zstd."""
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if data.size == 0:
+        return Stream("raw", 0, b"")
+    if data.size > 1 and not (data != data[0]).any():
+        return Stream("const", data.size, bytes([int(data[0])]))
+    raw = data.tobytes()
+    packed = zstd_compress(raw)
+    return Stream("zstd", data.size, packed) if len(packed) < len(raw) else Stream("raw", data.size, raw)
+
+
+def decode(coding: str, count: int, payload: bytes, what: str) -> np.ndarray:
+    """The `count` uint8 symbols of a stream; raises DczError naming `what` if malformed."""
+    if coding == "raw":
+        if len(payload) != count:
+            raise DczError(f"{what}: raw stream has {len(payload)} bytes, expected {count}")
+        return np.frombuffer(payload, dtype=np.uint8)
+    if coding == "const":
+        if len(payload) != 1 or count < 1:
+            raise DczError(f"{what}: const stream must be one byte with a positive count")
+        return np.full(count, payload[0], dtype=np.uint8)
+    if coding == "zstd":
+        return np.frombuffer(zstd_decompress(payload, count, what), dtype=np.uint8)
+    if coding == "huffman":
+        if len(payload) < 1 or len(payload) < 1 + payload[0] + 1:
+            raise DczError(f"{what}: huffman table truncated")
+        used = payload[0] + 1
+        lengths = np.frombuffer(payload, dtype=np.uint8, count=used, offset=1)
+        if lengths[-1] == 0:
+            raise DczError(f"{what}: huffman table has trailing unused symbols")
+        try:
+            return huffman.decode(payload[1 + used:], lengths, count)
+        except DczError as exc:
+            raise DczError(f"{what}: {exc}") from None
+    raise DczError(f"{what}: unknown coding {coding!r}")
