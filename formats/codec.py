@@ -54,8 +54,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.numel() == 0:  # empty tensors may carry zero strides that block .view()
+        return torch.empty(0, dtype=tensor.dtype)
+    return tensor.detach().cpu().contiguous().reshape(-1)
+
+
 def _flat_bytes(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return _flat(tensor).view(torch.uint8).numpy()
 
 
 def encode_raw(tensor: torch.Tensor) -> Encoded:
@@ -95,8 +101,7 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
     name = dtype_name(tensor.dtype)
     if name not in SHAREABLE:
         return None
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    bits = flat.view(_INT_TORCH[SHAREABLE[name]]).numpy()
+    bits = _flat(tensor).view(_INT_TORCH[SHAREABLE[name]]).numpy()
     head = bits[: 4 * _SAMPLE]
     if np.unique(head[head != 0]).size > MAX_CLUSTERS:  # most unshared tensors stop here, cheaply
         return None

@@ -195,6 +195,7 @@ class DczFile(Mapping):
             self._parse(max_elements)
         except BaseException:
             os.close(self._fd)
+            self._fd = -1
             raise
         self._cache: dict[str, torch.Tensor] = {}
 

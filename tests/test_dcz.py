@@ -1,0 +1,300 @@
+"""The .dcz container: bit-exact round trips, detected sharing, ties, random access, and a reader
+that answers every malformed file with DczError and nothing else."""
+import json
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepcompress.formats import DczError, DczFile, dcz, read, write
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def bits(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert bits(a[k]) == bits(b[k]), k
+
+
+@st.composite
+def shared_tensors(draw):
+    dtype = draw(st.sampled_from(FLOATS))
+    shape = draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
+    density = draw(st.floats(0, 1))
+    clusters = draw(st.integers(1, 256))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(clusters, generator=g, dtype=torch.float64).to(dtype)
+    codebook = codebook[codebook != 0] if (codebook != 0).any() else torch.ones(1, dtype=dtype)
+    idx = torch.randint(0, codebook.numel(), shape, generator=g)
+    keep = torch.rand(shape, generator=g) < density
+    return torch.where(keep, codebook[idx], torch.zeros((), dtype=dtype))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(shared_tensors(), min_size=1, max_size=4))
+def test_round_trip_is_bit_exact(tmp_path_factory, tensors):
+    path = tmp_path_factory.mktemp("rt") / "m.dcz"
+    sd = {f"t{i}": t for i, t in enumerate(tensors)}
+    write(path, sd)
+    assert_identical(sd, read(path))
+
+
+def test_every_dtype_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "f32": torch.randn(50, 7, generator=g),
+        "f16": torch.randn(33, generator=g).half(),
+        "bf16": torch.randn(4, 4, 4, generator=g).bfloat16(),
+        "f64": torch.randn(9, generator=g).double(),
+        "i64": torch.randint(-2**40, 2**40, (100,), generator=g),
+        "i32": torch.randint(-5, 5, (3, 3), generator=g, dtype=torch.int32),
+        "i8": torch.randint(-128, 127, (17,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (17,), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(31, generator=g) > 0.5,
+        "c64": torch.randn(5, dtype=torch.complex64, generator=g),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "num_batches_tracked": torch.tensor(7),
+    }
+    write(tmp_path / "m.dcz", sd)
+    assert_identical(sd, read(tmp_path / "m.dcz"))
+
+
+def test_special_values_keep_their_bits(tmp_path):
+    values = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, 0.0])
+    nan2 = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    values = torch.cat([values, nan2])
+    t = values[torch.randint(0, 8, (20000,), generator=torch.Generator().manual_seed(0))]
+    write(tmp_path / "m.dcz", {"t": t})
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["t"]["encoding"] == "shared"
+        assert bits(f["t"]) == bits(t)
+
+
+def test_sharing_is_detected_not_declared(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    codebook = torch.randn(256, generator=g)
+    shared = codebook[torch.randint(0, 256, (200, 400), generator=g)]
+    shared[torch.rand(200, 400, generator=g) < 0.7] = 0
+    dense = torch.randn(200, 400, generator=g)
+    write(tmp_path / "m.dcz", {"shared": shared, "dense": dense})
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["shared"]["encoding"] == "shared"
+        assert f.entries["shared"]["clusters"] == 256
+        assert f.entries["dense"]["encoding"] == "raw"
+        assert_identical({"shared": shared, "dense": dense}, dict(f.load()))
+
+
+def test_layout_follows_density(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    cb = torch.tensor([-1.0, 0.5, 2.0])
+    full = cb[torch.randint(0, 3, (300, 300), generator=g)]
+    sparse = torch.where(torch.rand(300, 300, generator=g) < 0.003, full, 0.0)
+    write(tmp_path / "m.dcz", {"full": full, "sparse": sparse})
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["full"]["layout"] == "dense"
+        assert f.entries["sparse"]["layout"] in ("capped", "escape")
+        assert f.entries["sparse"]["nonzero"] == int((sparse != 0).sum())
+
+
+def test_tied_tensors_are_stored_once_and_restored_tied(tmp_path):
+    emb = torch.nn.Embedding(100, 16)
+    head = torch.nn.Linear(16, 100, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    write(tmp_path / "m.dcz", model.state_dict())
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["head.weight"]["encoding"] == "alias"
+    out = read(tmp_path / "m.dcz")
+    assert out["emb.weight"] is out["head.weight"]
+    assert torch.equal(out["emb.weight"], emb.weight)
+    alone = read(tmp_path / "m.dcz", names=["head.weight"])
+    assert torch.equal(alone["head.weight"], emb.weight)
+
+
+def test_random_access_reads_only_what_is_asked(tmp_path):
+    path = tmp_path / "m.dcz"
+    write(path, {"a": torch.randn(1000), "b": torch.randn(1000)})
+    with DczFile(path) as f:
+        s = f.entries["a"]["streams"]["data"]
+    data = bytearray(path.read_bytes())
+    data[s["offset"] + 3] ^= 0x10  # corrupt tensor a only
+    path.write_bytes(bytes(data))
+    assert set(read(path, names=["b"])) == {"b"}
+    with DczFile(path) as lazy:
+        assert lazy["b"].shape == (1000,)
+        with pytest.raises(DczError, match="'a' data stream: checksum"):
+            lazy["a"]
+    with pytest.raises(KeyError):
+        read(path, names=["nope"])
+
+
+def test_write_is_atomic(tmp_path):
+    path = tmp_path / "m.dcz"
+
+    def items():
+        yield "ok", torch.ones(3)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write(path, items())
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):
+        write(path, {"a": torch.ones(2), "b": "not a tensor"})
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- untrusted input ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> bytes:
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(16, generator=g)
+    w = torch.where(torch.rand(40, 30, generator=g) < 0.2,
+                    cb[torch.randint(0, 16, (40, 30), generator=g)], 0.0)
+    sd = {"w": w, "b": torch.randn(30, generator=g), "n": torch.tensor(5),
+          "d": cb[torch.randint(0, 16, (20, 20), generator=g)]}
+    path = tmp_path_factory.mktemp("small") / "s.dcz"
+    write(path, sd, {"note": "fuzz"})
+    return path.read_bytes()
+
+
+def load_bytes(tmp_path, data: bytes) -> dict:
+    path = tmp_path / "x.dcz"
+    path.write_bytes(data)
+    return read(path)
+
+
+def test_every_truncation_is_rejected(tmp_path, small_file):
+    for n in range(len(small_file)):
+        with pytest.raises(DczError):
+            load_bytes(tmp_path, small_file[:n])
+
+
+def test_random_byte_flips_are_detected(tmp_path, small_file):
+    rng = random.Random(1234)
+    for _ in range(2000):
+        data = bytearray(small_file)
+        i = rng.randrange(len(data))
+        data[i] ^= rng.randrange(1, 256)
+        with pytest.raises(DczError):
+            load_bytes(tmp_path, bytes(data))
+
+
+def test_every_single_bit_flip_is_detected(tmp_path, small_file):
+    for i in range(0, len(small_file) * 8, 7):
+        data = bytearray(small_file)
+        data[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(DczError):
+            load_bytes(tmp_path, bytes(data))
+
+
+def repack(data: bytes, edit) -> bytes:
+    """Apply `edit` to the decoded header and rebuild the file with valid checksums."""
+    h_off, h_len, _, _, _ = dcz.TRAILER.unpack(data[-dcz.TRAILER.size:])
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(data[h_off:h_off + h_len]))
+    edit(doc)
+    raw = json.dumps(doc).encode()
+    header = zstandard.ZstdCompressor().compress(raw)
+    body = struct.pack("<QQQI", h_off, len(header), len(raw), zlib.crc32(header))
+    return data[:h_off] + header + body + struct.pack("<I", zlib.crc32(body))
+
+
+def entry(doc, name):
+    return next(e for e in doc["tensors"] if e["name"] == name)
+
+
+FORGERIES = {
+    "huge tensor": lambda d: entry(d, "b").update(shape=[10**6, 10**6]),
+    "huge sparse tensor": lambda d: entry(d, "w").update(shape=[10**6, 10**6]),
+    "longer stream": lambda d: entry(d, "b")["streams"]["data"].update(
+        length=entry(d, "b")["streams"]["data"]["length"] + 1),
+    "shifted offset": lambda d: entry(d, "w")["streams"]["index"].update(
+        offset=entry(d, "w")["streams"]["index"]["offset"] + 1),
+    "overlap": lambda d: entry(d, "w")["streams"]["gaps"].update(
+        offset=entry(d, "w")["streams"]["index"]["offset"]),
+    "wrong count": lambda d: entry(d, "w")["streams"]["index"].update(count=3),
+    "more nonzeros": lambda d: entry(d, "w").update(nonzero=entry(d, "w")["nonzero"] + 1),
+    "fewer clusters": lambda d: entry(d, "w").update(clusters=2),
+    "unknown dtype": lambda d: entry(d, "b").update(dtype="float128"),
+    "negative dim": lambda d: entry(d, "b").update(shape=[-30]),
+    "float dim": lambda d: entry(d, "b").update(shape=[30.0]),
+    "unknown coding": lambda d: entry(d, "w")["streams"]["index"].update(coding="lzma"),
+    "missing stream": lambda d: entry(d, "w")["streams"].pop("gaps"),
+    "extra field": lambda d: entry(d, "b").update(pickle="cos\nsystem\n"),
+    "bad alias": lambda d: d["tensors"].append(
+        {"name": "z", "dtype": "float32", "shape": [30], "encoding": "alias", "alias_of": "q"}),
+    "alias shape": lambda d: d["tensors"].append(
+        {"name": "z", "dtype": "float32", "shape": [31], "encoding": "alias", "alias_of": "b"}),
+    "duplicate name": lambda d: d["tensors"].append(dict(entry(d, "b"))),
+    "gap bits": lambda d: entry(d, "w").update(gap_bits=9),
+    "layout": lambda d: entry(d, "w").update(layout="escape"),
+    "no tensors": lambda d: d.pop("tensors"),
+    "tensors not a list": lambda d: d.update(tensors={"a": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_forged_headers_are_rejected(tmp_path, small_file, name):
+    with pytest.raises(DczError):
+        load_bytes(tmp_path, repack(small_file, FORGERIES[name]))
+
+
+def test_fixture_uses_a_sparse_layout(tmp_path, small_file):
+    path = tmp_path / "x.dcz"
+    path.write_bytes(small_file)
+    with DczFile(path) as f:
+        assert f.entries["w"]["layout"] == "capped" and f.entries["d"]["layout"] == "dense"
+
+
+def test_repack_without_edit_still_loads(tmp_path, small_file):
+    assert set(load_bytes(tmp_path, repack(small_file, lambda d: None))) == {"w", "b", "n", "d"}
+
+
+def test_declared_huge_header_is_refused(tmp_path, small_file):
+    data = bytearray(small_file)
+    h_off, h_len, _, h_crc, _ = dcz.TRAILER.unpack(data[-dcz.TRAILER.size:])
+    body = struct.pack("<QQQI", h_off, h_len, 10**12, h_crc)
+    data[-dcz.TRAILER.size:] = body + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(DczError, match="header"):
+        load_bytes(tmp_path, bytes(data))
+
+
+def test_wrong_magic_and_future_version(tmp_path, small_file):
+    with pytest.raises(DczError, match="magic"):
+        load_bytes(tmp_path, b"PK\x03\x04" + small_file[4:])
+    head = dcz.MAGIC + struct.pack("<I", 2)
+    future = head + struct.pack("<I", zlib.crc32(head)) + small_file[16:]
+    with pytest.raises(DczError, match="version 2"):
+        load_bytes(tmp_path, future)
+    with pytest.raises(DczError):
+        load_bytes(tmp_path, b"")
+
+
+def test_pickle_file_is_not_a_dcz(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(DczError, match="magic"):
+        read(path)
+
+
+def test_reader_limit_is_configurable(tmp_path):
+    write(tmp_path / "m.dcz", {"a": torch.zeros(1000)})
+    with pytest.raises(DczError, match="limit"):
+        read(tmp_path / "m.dcz", max_elements=999)
+    assert np.count_nonzero(read(tmp_path / "m.dcz")["a"].numpy()) == 0
