@@ -1,11 +1,46 @@
-"""The `dcompress` command."""
+"""The `dcompress` command: a thin layer over the library; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
 import click
 
+from deepcompress import __version__
+from deepcompress.errors import CompressError
+from deepcompress.formats import DczError
 
-@click.group()
-def main() -> None:
-    """Make trained PyTorch models small."""
+from .inspect_cmd import inspect
 
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (CompressError, DczError, OSError) as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            raise click.exceptions.Exit(2) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dcompress")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def main(debug: bool) -> None:
+    """Make trained PyTorch models small: prune, share weights, Huffman-code.
+
+    \b
+    Example:
+      dcompress inspect model.dcz
+    """
+
+
+main.add_command(inspect)
 
 if __name__ == "__main__":
     main()

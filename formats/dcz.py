@@ -308,7 +308,7 @@ class DczFile(Mapping):
         workers = workers or min(4, os.cpu_count() or 1)
         if workers > 1 and len(todo) > 1:
             with ThreadPoolExecutor(workers) as pool:
-                for r, t in zip(todo, pool.map(self.decode, todo)):
+                for r, t in zip(todo, pool.map(self.decode, todo), strict=True):
                     self._cache[r] = t
         else:
             for r in todo:

@@ -1,0 +1,71 @@
+"""`dcompress inspect` and the CLI's error contract (one line, exit 2, nothing else)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deepcompress
+from deepcompress.cli.main import main
+
+
+@pytest.fixture
+def dcz_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(8, generator=g)
+    w = torch.where(torch.rand(100, 200, generator=g) < 0.1,
+                    cb[torch.randint(0, 8, (100, 200), generator=g)], 0.0)
+    path = tmp_path / "m.dcz"
+    deepcompress.save({"fc.weight": w, "fc.bias": torch.randn(100, generator=g)}, path)
+    return path, w
+
+
+def test_inspect_table(dcz_file):
+    path, _ = dcz_file
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "fc.weight" in out.output and "8 (3b)" in out.output and "smaller" in out.output
+
+
+def test_inspect_json(dcz_file):
+    path, w = dcz_file
+    out = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    s = json.loads(out.output)
+    assert s["file_bytes"] == path.stat().st_size
+    assert s["dense_bytes"] == 4 * (100 * 200 + 100)
+    assert s["ratio"] == pytest.approx(s["dense_bytes"] / s["file_bytes"])
+    fc = next(t for t in s["tensors"] if t["name"] == "fc.weight")
+    assert fc["nonzero"] == int((w != 0).sum()) and fc["clusters"] == 8
+    assert fc["shape"] == [100, 200] and fc["dtype"] == "float32" and fc["layout"]
+    assert sum(t["bytes"] for t in s["tensors"]) + s["overhead_bytes"] == s["file_bytes"]
+
+
+def test_inspect_plot(dcz_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, _ = dcz_file
+    png = tmp_path / "m.png"
+    out = CliRunner().invoke(main, ["inspect", str(path), "--plot", str(png)])
+    assert out.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("make", ["missing", "pickle", "corrupt", "empty"])
+def test_bad_files_exit_2_with_one_line(tmp_path, dcz_file, make):
+    path = tmp_path / "bad.dcz"
+    if make == "pickle":
+        torch.save({"w": torch.ones(2)}, path)
+    elif make == "corrupt":
+        data = bytearray(dcz_file[0].read_bytes())
+        data[40] ^= 1
+        path.write_bytes(bytes(data))
+    elif make == "empty":
+        path.write_bytes(b"")
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 2
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.dcz" in lines[0]
+    assert "Traceback" not in out.output
+
+
+def test_version():
+    out = CliRunner().invoke(main, ["--version"])
+    assert out.exit_code == 0 and deepcompress.__version__ in out.output
