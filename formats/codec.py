@@ -119,8 +119,10 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
     if nonzero:
         gap = csr.gaps(positions)
         index_size = streams.stream_size(index_counts)
+        hist = csr.gap_histogram(gap)
         for g in range(1, 9):
-            layouts[("capped", g)] = streams.stream_size(csr.capped_counts(gap, g)) + index_size
+            counts = csr.capped_counts(gap, g, hist)
+            layouts[("capped", g)] = streams.stream_size(counts) + index_size
         esc_counts, varint_bytes = csr.escape_counts(gap)
         layouts[("escape", 0)] = streams.stream_size(esc_counts) + varint_bytes + index_size
     layout, g = min(layouts, key=layouts.get)

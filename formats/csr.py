@@ -33,11 +33,20 @@ def encode_capped(gap: np.ndarray, g: int) -> np.ndarray:
     return out
 
 
-def capped_counts(gap: np.ndarray, g: int) -> np.ndarray:
+def gap_histogram(gap: np.ndarray, size: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of each gap below `size`, and the gaps at or above it (for cheap layout sizing)."""
+    return np.bincount(np.minimum(gap, size - 1), minlength=size)[:size - 1], gap[gap >= size - 1]
+
+
+def capped_counts(gap: np.ndarray, g: int,
+                  hist: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Symbol counts of encode_capped(gap, g), without building the stream."""
     m = (1 << g) - 1
-    counts = np.bincount(gap % m, minlength=256).astype(np.int64)
-    counts[m] += int((gap // m).sum())
+    counts_by_gap, tail = hist if hist is not None else gap_histogram(gap)
+    values = np.arange(counts_by_gap.size)
+    counts = np.bincount(values % m, weights=counts_by_gap, minlength=256).astype(np.int64)
+    np.add.at(counts, tail % m, 1)
+    counts[m] += int(np.dot(values // m, counts_by_gap)) + int((tail // m).sum())
     return counts
 
 
@@ -96,12 +105,17 @@ def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
     return np.add.reduceat(parts, starts).astype(np.int64)
 
 
+def _index_type(numel: int) -> type:
+    return np.int32 if numel < (1 << 31) - 1 else np.int64
+
+
 def _positions(advance: np.ndarray, keep: np.ndarray | None, nonzero: int, numel: int,
                what: str) -> np.ndarray:
-    # float sum first: adversarial gaps must not overflow the exact int64 cumsum
+    # float sum first: adversarial gaps must not overflow the exact integer cumsum
     if advance.size and float(advance.sum(dtype=np.float64)) > numel + 1:
         raise DczError(f"{what}: gaps run past the end of the tensor ({numel} elements)")
-    ends = np.cumsum(advance) - 1
+    ends = np.cumsum(advance, dtype=advance.dtype)
+    ends -= 1
     positions = ends if keep is None else ends[keep]
     if positions.size != nonzero:
         raise DczError(f"{what}: gaps place {positions.size} nonzeros, header says {nonzero}")
@@ -115,9 +129,9 @@ def decode_capped(symbols: np.ndarray, g: int, nonzero: int, numel: int, what: s
     m = (1 << g) - 1
     if symbols.size and int(symbols.max()) > m:
         raise DczError(f"{what}: gap symbol above the {g}-bit cap")
-    symbols = symbols.astype(np.int64)
     keep = symbols < m
-    advance = np.where(keep, symbols + 1, m)
+    advance = symbols.astype(_index_type(numel))
+    advance += keep  # a gap s advances s + 1; the filler M advances M
     return _positions(advance, keep, nonzero, numel, what)
 
 
@@ -128,6 +142,7 @@ def decode_escape(symbols: np.ndarray, varints: np.ndarray, nonzero: int, numel:
     extra = varint_decode(varints, int(escapes.sum()))
     if extra.size and int(extra.max()) > numel:
         raise DczError(f"{what}: a long gap exceeds the tensor")
-    advance = symbols.astype(np.int64) + 1
-    advance[escapes] += extra
+    advance = symbols.astype(_index_type(numel))
+    advance += 1
+    advance[escapes] += extra.astype(advance.dtype)
     return _positions(advance, None, nonzero, numel, what)
