@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+import weakref
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,9 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
             f.write(head + struct.pack("<I", zlib.crc32(head)))
             offset = PREAMBLE.size
             entries: list[dict] = []
-            seen: dict[tuple, str] = {}
+            # storage address -> (name, weak ref): a freed tensor's address can be reused by a
+            # later one from an iterator, and that is no tie
+            seen: dict[tuple, tuple[str, weakref.ref]] = {}
             names: set[str] = set()
             for name, tensor in items:
                 if not isinstance(name, str) or not name or name in names:
@@ -72,11 +75,11 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                 entry = {"name": name, "dtype": codec.dtype_name(tensor.dtype),
                          "shape": list(tensor.shape)}
                 key = _storage_key(tensor)
-                if key is not None and key in seen:
-                    entries.append({**entry, "encoding": "alias", "alias_of": seen[key]})
+                if key is not None and key in seen and seen[key][1]() is not None:
+                    entries.append({**entry, "encoding": "alias", "alias_of": seen[key][0]})
                     continue
                 if key is not None:
-                    seen[key] = name
+                    seen[key] = (name, weakref.ref(tensor))
                 encoded = codec.encode_tensor(tensor)
                 entry.update(encoded.fields)
                 entry["streams"] = {}

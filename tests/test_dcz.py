@@ -127,6 +127,16 @@ def test_tied_tensors_are_stored_once_and_restored_tied(tmp_path):
     assert torch.equal(alone["head.weight"], emb.weight)
 
 
+def test_freed_tensors_from_an_iterator_are_not_ties(tmp_path):
+    def items():
+        for i in range(20):
+            yield f"t{i}", torch.full((1000,), float(i))  # freed memory gets reused
+
+    write(tmp_path / "m.dcz", items())
+    out = read(tmp_path / "m.dcz")
+    assert all(torch.equal(out[f"t{i}"], torch.full((1000,), float(i))) for i in range(20))
+
+
 def test_random_access_reads_only_what_is_asked(tmp_path):
     path = tmp_path / "m.dcz"
     write(path, {"a": torch.randn(1000), "b": torch.randn(1000)})
