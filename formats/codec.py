@@ -32,6 +32,7 @@ _INT_TORCH = {np.int64: torch.int64, np.int32: torch.int32, np.int16: torch.int1
 MAX_CLUSTERS = 256
 _TRY_BOTH_BELOW = 1 << 16  # tensors this small are encoded both ways and the smaller kept
 _SAMPLE = 1 << 16
+_TRY_PLAIN_BELOW = 1 << 20  # raw tensors up to 1 MB also try unshuffled bytes
 
 
 @dataclass
@@ -69,13 +70,15 @@ def encode_raw(tensor: torch.Tensor) -> Encoded:
     name = dtype_name(tensor.dtype)
     data = _flat_bytes(tensor)
     itemsize = DTYPES[name][1]
-    best = Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
-    if itemsize > 1 and data.size:
-        planes = np.ascontiguousarray(data.reshape(-1, itemsize).T).reshape(-1)
-        shuffled = Encoded({"encoding": "raw", "shuffle": True},
-                           {"data": streams.encode_bytes(planes)})
-        if shuffled.nbytes < best.nbytes:
-            best = shuffled
+    if itemsize == 1 or data.size == 0:
+        return Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
+    planes = np.ascontiguousarray(data.reshape(-1, itemsize).T).reshape(-1)
+    best = Encoded({"encoding": "raw", "shuffle": True}, {"data": streams.encode_bytes(planes)})
+    del planes
+    if data.size <= _TRY_PLAIN_BELOW:  # large tensors: shuffled only, to bound memory and time
+        plain = Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
+        if plain.nbytes < best.nbytes:
+            best = plain
     return best
 
 

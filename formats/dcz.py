@@ -91,6 +91,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                         "count": stream.count}
                     offset += len(stream.payload)
                 entries.append(entry)
+                del tensor, encoded  # before the iterator makes the next one
                 if progress is not None:
                     next(progress, None)
             raw = json.dumps({"tensors": entries, "metadata": meta}, separators=(",", ":"),

@@ -41,9 +41,9 @@ class Stream:
     payload: bytes
 
 
-def zstd_compress(data: bytes, strong: bool = False) -> bytes:
+def zstd_compress(data: bytes | np.ndarray, strong: bool = False) -> bytes:
     """A zstd frame of data: level 19 for small inputs, else a fast (or a strong) setting."""
-    params = (_ZSTD_SMALL if len(data) <= FAST_MIN_COUNT
+    params = (_ZSTD_SMALL if memoryview(data).nbytes <= FAST_MIN_COUNT
               else _ZSTD_STRONG if strong else _ZSTD_FAST)
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
@@ -129,9 +129,9 @@ def encode_bytes(data: np.ndarray) -> Stream:
         return Stream("raw", 0, b"")
     if data.size > 1 and not (data != data[0]).any():
         return Stream("const", data.size, bytes([int(data[0])]))
-    raw = data.tobytes()
-    packed = zstd_compress(raw)
-    return Stream("zstd", data.size, packed) if len(packed) < len(raw) else Stream("raw", data.size, raw)
+    packed = zstd_compress(data)  # numpy buffers go to zstd without a copy
+    return Stream("zstd", data.size, packed) if len(packed) < data.size else Stream(
+        "raw", data.size, data.tobytes())
 
 
 def decode(coding: str, count: int, payload: bytes, what: str) -> np.ndarray:
