@@ -107,7 +107,7 @@ def run_child(kind: str, path: str, extra: str | None) -> dict:
         def tensors():
             g = torch.Generator().manual_seed(1)
             for i in range(200):
-                yield f"layer{i}.weight", torch.randn(2560, 2048, generator=g).half()
+                yield f"layer{i}.weight", torch.randn(2560, 2048, generator=g, dtype=torch.float16)
         write(path, tensors())
         n = 200 * 2560 * 2048 * 2
     else:

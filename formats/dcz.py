@@ -13,7 +13,7 @@ import struct
 import tempfile
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,11 +46,13 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable,
-          metadata: Mapping | None = None, progress: Iterator | None = None) -> int:
+          metadata: Mapping | None = None,
+          on_tensor: Callable[[str, int], None] | None = None) -> int:
     """Write tensors (a mapping or an iterable of (name, tensor)) to a .dcz; returns its size.
 
     One tensor is encoded and written at a time, so memory follows the largest tensor. The file
-    appears whole or not at all (written to a temporary file, then renamed).
+    appears whole or not at all (written to a temporary file, then renamed). `on_tensor(name,
+    bytes_so_far)` is called after each stored tensor (for progress bars).
     """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     path = Path(path)
@@ -92,8 +94,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                     offset += len(stream.payload)
                 entries.append(entry)
                 del tensor, encoded  # before the iterator makes the next one
-                if progress is not None:
-                    next(progress, None)
+                if on_tensor is not None:
+                    on_tensor(name, offset)
             raw = json.dumps({"tensors": entries, "metadata": meta}, separators=(",", ":"),
                              allow_nan=False).encode()
             header = zstandard.ZstdCompressor(level=19).compress(raw)
