@@ -1,0 +1,52 @@
+"""The public save/load API: modules, state_dicts, strict loading with one clear error."""
+import pytest
+import torch
+
+import deepcompress
+
+
+class Net(torch.nn.Module):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, hidden)
+        self.bn = torch.nn.BatchNorm1d(hidden)
+        self.fc2 = torch.nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def test_module_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    net.train()
+    net(torch.randn(16, 4))  # moves batch-norm statistics and num_batches_tracked
+    net.eval()
+    path = tmp_path / "net.dcz"
+    size = deepcompress.save(net, path, metadata={"accuracy": 0.5})
+    assert size == path.stat().st_size
+    back = deepcompress.load(path, Net()).eval()
+    x = torch.randn(5, 4)
+    assert torch.equal(back(x), net(x))
+    state = deepcompress.load_state_dict(path)
+    assert state["bn.num_batches_tracked"].dtype == torch.int64
+    with deepcompress.open_lazy(path) as lazy:
+        assert lazy.metadata["accuracy"] == 0.5 and "deepcompress" in lazy.metadata["producer"]
+
+
+def test_strict_load_lists_every_problem(tmp_path):
+    path = tmp_path / "net.dcz"
+    deepcompress.save(Net(), path)
+    other = torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 9), "extra": torch.nn.Linear(1, 1)})
+    with pytest.raises(deepcompress.CompressError) as err:
+        deepcompress.load(path, other)
+    msg = str(err.value)
+    assert "net.dcz" in msg and "extra.weight" in msg and "fc2.weight" in msg
+    assert "fc1.weight (file (8, 4), model (9, 4))" in msg
+    assert "\n" not in msg
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path):
+    with pytest.raises(deepcompress.CompressError, match="bad.dcz"):
+        deepcompress.save({"a": torch.ones(2), "b": 3}, tmp_path / "bad.dcz")
+    assert not (tmp_path / "bad.dcz").exists()
