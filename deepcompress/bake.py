@@ -1,6 +1,7 @@
 """Remove every parametrization from a model, keeping the parametrized values as plain tensors."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -18,10 +19,18 @@ def isolate_class(module: nn.Module) -> None:
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """Replace each parametrized tensor of model (in place) by its current value; return model."""
+    """Replace each parametrized tensor of model (in place) by its current value; return model.
+
+    Baked floating tensors hold +0.0, never -0.0, at their zeros (a masked negative weight times
+    0 is -0.0, which a bit-exact encoder would have to store as a value of its own).
+    """
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
             isolate_class(module)
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                tensor = getattr(module, name)
+                if tensor.is_floating_point():
+                    with torch.no_grad():
+                        tensor.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0; every other value unchanged
     return model
