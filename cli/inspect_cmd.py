@@ -34,6 +34,10 @@ def render(s: dict) -> str:
     lines.append(f"tensor streams {s['tensor_bytes']} B (Huffman tables {s['table_bytes']} B), "
                  f"header {s['header_bytes']} B, preamble+trailer "
                  f"{s['overhead_bytes'] - s['header_bytes']} B")
+    arch = s["architecture_bytes"]
+    lines.append(f"architecture: torch.export program inside ({arch} B); "
+                 "deepcompress.load(FILE) runs it" if arch else
+                 "architecture: not inside; load with deepcompress.load(FILE, model=Net())")
     lines.append(f"file {s['file_bytes']} B vs fp32 dense {s['dense_bytes']} B: "
                  f"{s['ratio']:.1f}x smaller")
     return "\n".join(lines)

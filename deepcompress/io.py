@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -11,22 +11,47 @@ from torch import nn
 from . import __version__
 from .errors import CompressError
 from .formats import DczFile, dcz
+from .formats import program as _program
 
 
 def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
-         path: str | os.PathLike, metadata: Mapping | None = None) -> int:
+         path: str | os.PathLike, metadata: Mapping | None = None,
+         program: torch.export.ExportedProgram | None = None,
+         on_tensor: Callable[[str, int], None] | None = None) -> int:
     """Write a model, a state_dict or an iterable of (name, tensor) to a .dcz; returns its bytes.
 
     Weight sharing is detected, not declared: a floating tensor with at most 256 distinct nonzero
     values is stored as codebook + indices, anything else in its own dtype, zstd-compressed.
+    With `program` (a torch.export of the model), the file also holds the architecture without
+    its weights, and `load(path)` returns a runnable module with no Python class needed.
     """
     tensors = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
                else model_or_state_dict)
     meta = {"producer": f"deepcompress {__version__}", **dict(metadata or {})}
+    packed = _program.pack(program) if program is not None else None
     try:
-        return dcz.write(path, tensors, meta)
+        return dcz.write(path, tensors, meta, on_tensor=on_tensor, program=packed)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, CompressError):
+            raise
         raise CompressError(f"{path}: cannot save: {exc}") from exc
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor
+                   ) -> torch.export.ExportedProgram | None:
+    """torch.export of the model in eval mode for this input (batch size left free when the
+    model allows), or None if it does not export."""
+    was_training = model.training
+    model.eval()
+    try:
+        for dynamic in (({0: torch.export.Dim.DYNAMIC},), None):
+            try:
+                return torch.export.export(model, (example_input,), dynamic_shapes=dynamic)
+            except Exception:  # many models do not export; the .dcz then holds weights only
+                continue
+        return None
+    finally:
+        model.train(was_training)
 
 
 def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None
@@ -40,9 +65,27 @@ def open_lazy(path: str | os.PathLike) -> DczFile:
     return DczFile(path)
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load a .dcz into `model` (strict); one error lists missing, unexpected and mismatched names."""
-    state = load_state_dict(path)
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a .dcz into `model` (strict); one error lists missing, unexpected and mismatched names.
+
+    Without `model`, the architecture stored in the file (if any) is rebuilt: no Python class
+    needed and nothing unpickled.
+    """
+    if model is None:
+        with DczFile(path) as f:
+            archive = f.program()
+            state = f.load()
+        if archive is None:
+            raise CompressError(f"{path}: holds weights only (no architecture); pass the model: "
+                                "deepcompress.load(path, model=Net())")
+        module = _program.unpack(archive).module()
+        _load_into(path, module, state)
+        return module
+    _load_into(path, model, load_state_dict(path))
+    return model
+
+
+def _load_into(path: str | os.PathLike, model: nn.Module, state: dict) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -54,4 +97,3 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                  if items]
         raise CompressError(f"{path}: does not fit {type(model).__name__}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
-    return model

@@ -31,6 +31,7 @@ TRAILER = struct.Struct("<QQQII")  # header offset, header length, raw length, h
 MAX_HEADER_BYTES = 1 << 26
 MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it
 MAX_DIMS = 32
+MAX_PROGRAM_BYTES = 1 << 30
 _STREAM_KEYS = {"offset", "length", "crc32", "coding", "count"}
 
 
@@ -47,12 +48,14 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable,
           metadata: Mapping | None = None,
-          on_tensor: Callable[[str, int], None] | None = None) -> int:
+          on_tensor: Callable[[str, int], None] | None = None,
+          program: bytes | None = None) -> int:
     """Write tensors (a mapping or an iterable of (name, tensor)) to a .dcz; returns its size.
 
     One tensor is encoded and written at a time, so memory follows the largest tensor. The file
     appears whole or not at all (written to a temporary file, then renamed). `on_tensor(name,
-    bytes_so_far)` is called after each stored tensor (for progress bars).
+    bytes_so_far)` is called after each stored tensor (for progress bars). `program` is an
+    architecture archive from formats.program.pack, stored after the tensors.
     """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     path = Path(path)
@@ -96,8 +99,15 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                 del tensor, encoded  # before the iterator makes the next one
                 if on_tensor is not None:
                     on_tensor(name, offset)
-            raw = json.dumps({"tensors": entries, "metadata": meta}, separators=(",", ":"),
-                             allow_nan=False).encode()
+            doc = {"tensors": entries, "metadata": meta}
+            if program is not None:
+                stream = streams.encode_bytes(np.frombuffer(program, dtype=np.uint8))
+                f.write(stream.payload)
+                doc["program"] = {"offset": offset, "length": len(stream.payload),
+                                  "crc32": zlib.crc32(stream.payload), "coding": stream.coding,
+                                  "count": stream.count}
+                offset += len(stream.payload)
+            raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
             header = zstandard.ZstdCompressor(level=19).compress(raw)
             f.write(header)
             body = struct.pack("<QQQI", offset, len(header), len(raw), zlib.crc32(header))
@@ -116,6 +126,14 @@ def _no_duplicates(pairs: list) -> dict:
     if len(set(keys)) != len(keys):
         raise DczError("header: a JSON object repeats a key")
     return dict(pairs)
+
+
+def _check_stream(s: object, where: str) -> None:
+    if (not isinstance(s, dict) or set(s) != _STREAM_KEYS
+            or not all(_u64(s[k]) for k in ("offset", "length", "count"))
+            or type(s["crc32"]) is not int or not 0 <= s["crc32"] < (1 << 32)
+            or s["coding"] not in streams.CODINGS):
+        raise DczError(f"{where}: bad stream record")
 
 
 def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: int) -> dict:
@@ -175,11 +193,7 @@ def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: 
     if not isinstance(got, dict) or set(got) != codec.stream_names(e):
         raise DczError(f"{where}: wrong set of streams")
     for sname, s in got.items():
-        if (not isinstance(s, dict) or set(s) != _STREAM_KEYS
-                or not all(_u64(s[k]) for k in ("offset", "length", "count"))
-                or type(s["crc32"]) is not int or not 0 <= s["crc32"] < (1 << 32)
-                or s["coding"] not in streams.CODINGS):
-            raise DczError(f"{where}: bad {sname} stream record")
+        _check_stream(s, f"{where} {sname}")
         if sname in counts and s["count"] != counts[sname]:
             raise DczError(f"{where}: {sname} stream holds {s['count']} symbols, "
                            f"expected {counts[sname]}")
@@ -243,9 +257,16 @@ class DczFile(Mapping):
             if isinstance(exc, DczError):
                 raise DczError(f"{self.path}: {exc}") from None
             raise DczError(f"{self.path}: header: not valid JSON ({exc})") from None
-        if (not isinstance(doc, dict) or set(doc) != {"tensors", "metadata"}
+        if (not isinstance(doc, dict) or not {"tensors", "metadata"} <= set(doc)
+                or not set(doc) <= {"tensors", "metadata", "program"}
                 or not isinstance(doc["tensors"], list) or not isinstance(doc["metadata"], dict)):
-            raise DczError(f"{self.path}: header: must hold exactly 'tensors' and 'metadata'")
+            raise DczError(f"{self.path}: header: must hold 'tensors', 'metadata' and at most "
+                           "'program'")
+        self.program_record = doc.get("program")
+        if self.program_record is not None:
+            _check_stream(self.program_record, f"{self.path}: header: program")
+            if self.program_record["count"] > MAX_PROGRAM_BYTES:
+                raise DczError(f"{self.path}: header: program larger than {MAX_PROGRAM_BYTES}")
         entries: dict[str, dict] = {}
         try:
             for i, e in enumerate(doc["tensors"]):
@@ -253,8 +274,10 @@ class DczFile(Mapping):
                     e, i, entries, max_elements)
         except DczError as exc:
             raise DczError(f"{self.path}: {exc}") from None
-        spans = sorted((s["offset"], s["length"]) for e in entries.values()
-                       for s in e.get("streams", {}).values())
+        records = [s for e in entries.values() for s in e.get("streams", {}).values()]
+        if self.program_record is not None:
+            records.append(self.program_record)
+        spans = sorted((s["offset"], s["length"]) for s in records)
         at = PREAMBLE.size
         for off, length in spans:
             if off != at:
@@ -266,6 +289,16 @@ class DczFile(Mapping):
         self.metadata = doc["metadata"]
         self.header_bytes = h_len
         self.overhead_bytes = PREAMBLE.size + h_len + TRAILER.size
+
+    def program(self) -> bytes | None:
+        """The checked architecture archive (formats.program), or None if the file has none."""
+        s = self.program_record
+        if s is None:
+            return None
+        data = self._read(s["offset"], s["length"])
+        if zlib.crc32(data) != s["crc32"]:
+            raise DczError(f"{self.path}: program stream: checksum mismatch")
+        return streams.decode(s["coding"], s["count"], data, f"{self.path}: program").tobytes()
 
     def payload(self, name: str, stream: str) -> bytearray:
         """The checked bytes of one stream of one tensor."""

@@ -19,6 +19,8 @@ def summarize(path: str | os.PathLike) -> dict:
     """Per-tensor rows and totals; every stream is read and checked (CRC) on the way."""
     rows = []
     with DczFile(path) as f:
+        if f.program_record is not None:
+            f.program()  # checked like every stream
         for name, e in f.entries.items():
             numel = math.prod(e["shape"])
             row = {"name": name, "shape": e["shape"], "dtype": e["dtype"],
@@ -60,6 +62,7 @@ def summarize(path: str | os.PathLike) -> dict:
             "header_bytes": f.header_bytes,
             "overhead_bytes": f.overhead_bytes,
             "table_bytes": sum(r["table_bytes"] for r in rows),
+            "architecture_bytes": f.program_record["length"] if f.program_record else 0,
             "weights": sum(r["weights"] for r in rows if r["encoding"] != "alias"),
             "nonzero": sum(r["nonzero"] for r in rows if r["encoding"] != "alias"),
             "metadata": f.metadata,

@@ -50,3 +50,26 @@ def test_save_refuses_what_it_cannot_store(tmp_path):
     with pytest.raises(deepcompress.CompressError, match="bad.dcz"):
         deepcompress.save({"a": torch.ones(2), "b": 3}, tmp_path / "bad.dcz")
     assert not (tmp_path / "bad.dcz").exists()
+
+
+def test_runnable_output_needs_no_class(tmp_path):
+    from deepcompress.models import lenet5
+
+    torch.manual_seed(0)
+    model = lenet5().eval()
+    x = torch.randn(3, 1, 28, 28)
+    program = deepcompress.export_program(model, x)
+    path = tmp_path / "lenet5.dcz"
+    deepcompress.save(model, path, program=program)
+    runnable = deepcompress.load(path)
+    assert not isinstance(runnable, type(model))
+    assert torch.equal(runnable(x), model(x))
+    other_batch = torch.randn(7, 1, 28, 28)
+    assert torch.equal(runnable(other_batch), model(other_batch))
+
+
+def test_weights_only_file_asks_for_the_model(tmp_path):
+    path = tmp_path / "net.dcz"
+    deepcompress.save(Net(), path)
+    with pytest.raises(deepcompress.CompressError, match="model=Net"):
+        deepcompress.load(path)
