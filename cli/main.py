@@ -8,7 +8,9 @@ from deepcompress import __version__
 from deepcompress.errors import CompressError
 from deepcompress.formats import DczError
 
+from .compress_cmd import compress, decompress, evaluate
 from .inspect_cmd import inspect
+from .sensitivity import sensitivity
 
 
 def _one_line(exc: BaseException) -> str:
@@ -35,12 +37,18 @@ def main(debug: bool) -> None:
     """Make trained PyTorch models small: prune, share weights, Huffman-code.
 
     \b
-    Example:
+    Examples:
+      dcompress compress model.pt -o model.dcz --task mnist --data-dir data/mnist
       dcompress inspect model.dcz
+      python -c "import deepcompress; m = deepcompress.load('model.dcz')"
     """
 
 
+main.add_command(compress)
+main.add_command(decompress)
+main.add_command(evaluate)
 main.add_command(inspect)
+main.add_command(sensitivity)
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ def bake(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
                 tensor = getattr(module, name)
+                tensor.grad = None  # a codebook's gradient would otherwise stay, wrongly shaped
                 if tensor.is_floating_point():
                     with torch.no_grad():
                         tensor.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0; every other value unchanged

@@ -1,0 +1,267 @@
+"""`dcompress compress`, `decompress` and `evaluate`: thin commands over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+import deepcompress
+from deepcompress.errors import CompressError
+from deepcompress.formats.readers import iter_safetensors, read_model
+from deepcompress.inputs import build_model
+from deepcompress.pipeline import (
+    CompressConfig,
+    LayerRow,
+    Report,
+    Stage,
+    compress_tensors,
+    load_config,
+    parse_sparsity,
+    render_report,
+)
+from deepcompress.pipeline import compress as run_pipeline
+from deepcompress.tasks import load_task
+from deepcompress.train import evaluate as task_metric
+
+
+def check_output(out: str, force: bool) -> Path:
+    """The output path, refused if it exists (without --force) or its folder does not."""
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise CompressError(f"{out}: folder {path.parent} does not exist; create it first")
+    if path.exists() and not force:
+        raise CompressError(f"{out}: already exists; pass --force to overwrite")
+    return path
+
+
+def _bar(total: int, quiet: bool, desc: str) -> tqdm:
+    return tqdm(total=total, disable=quiet, desc=desc, unit="tensor", leave=False)
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .dcz to write. Example: -o model.dcz")
+@click.option("--task", help="Retrain on this task: digits, mnist, file.py:factory or "
+              "module:factory. Without it, compression is data-free. Example: --task mnist")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder with the task's data. Example: --data-dir ../shared/data/mnist")
+@click.option("--arch", help="Factory that builds the model when INPUT is a bare state_dict. "
+              "Example: --arch deepcompress.models:lenet5")
+@click.option("--sparsity", help="Fraction of weights to prune, global or per layer. "
+              "Example: --sparsity 0.95 or --sparsity fc1=0.97,fc2=0.9")
+@click.option("--quality", type=float, help="The paper's rule: prune |w| < QUALITY x std(w) per "
+              "layer. Example: --quality 1.5")
+@click.option("--bits", help="Bits per shared weight, one number or per type/pattern. "
+              "Default conv=8,linear=5 with a task, 8 without. Example: --bits conv=8,linear=4")
+@click.option("--init", help="k-means initialisation: linear, density, random, kmeans++, "
+              "optimal. Default linear with a task, optimal without. Example: --init optimal")
+@click.option("--schedule", type=click.Choice(["iterative", "oneshot", "agp"]),
+              help="Pruning schedule with a task. Example: --schedule agp")
+@click.option("--rounds", type=int, help="Prune-retrain rounds (iterative). Example: --rounds 3")
+@click.option("--prune-epochs", type=int, help="Retraining epochs per pruning round. "
+              "Example: --prune-epochs 4")
+@click.option("--finetune-epochs", type=int, help="Centroid fine-tuning epochs. "
+              "Example: --finetune-epochs 4")
+@click.option("--lr", type=float, help="Learning rate for retraining. Example: --lr 0.01")
+@click.option("--seed", type=int, help="Random seed (results are deterministic). Example: --seed 0")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML or YAML file with the same keys as these flags (flags win). "
+              "Example: --config lenet5.toml")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False),
+              help="Also write the full report as JSON. Example: --report report.json")
+@click.option("--no-arch", is_flag=True, help="Do not embed the architecture (a torch.export "
+              "program) even when it is known; the file then holds weights only.")
+@click.option("--unsafe-pickle", is_flag=True, help="Allow INPUT to be a pickled nn.Module. "
+              "Loading it runs code from the file: only for files you trust.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars or tables; just the final line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def compress(input_path: str, output: str, task: str | None, data_dir: str | None,
+             arch: str | None, sparsity: str | None, quality: float | None, bits: str | None,
+             init: str | None, schedule: str | None, rounds: int | None,
+             prune_epochs: int | None, finetune_epochs: int | None, lr: float | None,
+             seed: int | None, config_file: str | None, report_file: str | None, no_arch: bool,
+             unsafe_pickle: bool, force: bool, quiet: bool, as_json: bool) -> None:
+    """Compress a model file (.pt/.pth state_dict, .safetensors, .pt2) into a .dcz.
+
+    With --task: the full pipeline (prune with retraining, weight sharing with centroid
+    fine-tuning, entropy coding). Without a task there is no retraining, so the default
+    protects fidelity: no pruning unless --sparsity/--quality asks, 8-bit sharing with the
+    lowest-error (optimal) clustering, and a per-layer weight error (relative L2, SQNR).
+    Measured on a real pretrained sentence encoder: data-free 8-bit sharing kept embeddings at
+    cosine 0.996 to the original, while data-free 50% magnitude pruning collapsed them to 0.72.
+
+    \b
+    Examples:
+      dcompress compress model.safetensors -o model.dcz
+      dcompress compress lenet5.pt -o lenet5.dcz --task mnist --data-dir data/mnist \\
+          --sparsity 0.97 --bits 4
+    """
+    out = check_output(output, force)
+    flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
+             "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
+             "schedule": schedule, "rounds": rounds, "prune_epochs": prune_epochs,
+             "finetune_epochs": finetune_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
+    the_task = load_task(task, data_dir) if task else None
+    started = time.perf_counter()
+    metadata = {"settings": {k: v for k, v in vars(config).items() if k != "quiet"},
+                "task": task}
+    if the_task is not None:
+        model_file = read_model(input_path, unsafe_pickle=unsafe_pickle)
+        model = build_model(model_file, the_task, arch)
+        if model is None:
+            raise CompressError(f"task {task}: has no model to build; pass --arch module:factory")
+        model, report = run_pipeline(model, the_task, config)
+        program = None if no_arch else deepcompress.export_program(model, the_task.example_input)
+        final = report.stages[-1]
+        metadata.update(val_metric=final.val_metric, test_metric=final.test_metric)
+        with _bar(len(model.state_dict()), config.quiet, "encode") as bar:
+            size = deepcompress.save(model, out, metadata, program=program,
+                                     on_tensor=lambda *_: bar.update(1))
+    else:
+        report, size = _data_free(input_path, out, config, metadata, arch, no_arch, unsafe_pickle)
+    report.stages[-1].bytes = size
+    report.stages[-1].seconds = time.perf_counter() - started
+    if report_file:
+        Path(report_file).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "output": str(out), "bytes": size}, indent=2))
+        return
+    if not quiet:
+        click.echo(render_report(report))
+    click.echo(f"wrote {out}: {size} bytes, {report.ratio:.1f}x smaller than fp32 "
+               f"({report.stages[0].bytes} bytes)")
+
+
+def _data_free(input_path: str, out: Path, config: CompressConfig, metadata: dict,
+               arch: str | None, no_arch: bool, unsafe_pickle: bool) -> tuple[Report, int]:
+    """Tensor by tensor, without retraining; safetensors are streamed from disk."""
+    path = Path(input_path)
+    streamed = path.name.endswith((".safetensors", ".safetensors.index.json"))
+    model_file = None if streamed else read_model(path, unsafe_pickle=unsafe_pickle)
+    if model_file is not None and arch is not None:
+        build_model(model_file, None, arch)  # checks that the weights fit the architecture
+    if streamed:
+        if not path.is_file():
+            raise CompressError(f"{input_path}: no such file; check the path")
+        items, count = iter_safetensors(path), None
+    else:
+        items, count = model_file.tensors.items(), len(model_file.tensors)
+    dense = 0
+
+    def counted():
+        nonlocal dense
+        for name, tensor in items:
+            dense += 4 * tensor.numel()
+            yield name, tensor
+
+    rows: list[LayerRow] = []
+    program = None
+    if model_file is not None and model_file.program is not None and not no_arch:
+        program = model_file.program
+    with _bar(count, config.quiet, "compress") as bar:
+        size = deepcompress.save(compress_tensors(counted(), config, rows), out, metadata,
+                                 program=program, on_tensor=lambda *_: bar.update(1))
+    weights = sum(r.weights for r in rows)
+    nonzero = sum(r.nonzero for r in rows)
+    report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
+                            Stage("shared", None, None, weights, nonzero, size, 0.0)],
+                    layers=rows, config=vars(config))
+    return report, size
+
+
+@click.command()
+@click.argument("input_path", metavar="IN.dcz", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write: .pt (torch state_dict) or .safetensors, by suffix. "
+              "Example: -o model.safetensors")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def decompress(input_path: str, output: str, force: bool) -> None:
+    """Write the tensors of a .dcz back as a .pt state_dict or a .safetensors file.
+
+    \b
+    Example:
+      dcompress decompress model.dcz -o model.safetensors
+    """
+    out = check_output(output, force)
+    suffix = out.suffix.lower()
+    if suffix not in (".pt", ".pth", ".safetensors"):
+        raise CompressError(f"{output}: unknown output type; end it in .pt, .pth or .safetensors")
+    state = deepcompress.load_state_dict(input_path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)  # ties become copies
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    click.echo(f"wrote {out}: {len(state)} tensors, {out.stat().st_size} bytes")
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--task", required=True, help="Task whose test split to measure: digits, mnist, "
+              "file.py:factory. Example: --task mnist")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder with the task's data. Example: --data-dir data/mnist")
+@click.option("--arch", help="Factory that builds the model when the task has none and the "
+              "file holds no architecture. Example: --arch deepcompress.models:lenet5")
+@click.option("--unsafe-pickle", is_flag=True, help="Allow a pickled nn.Module as FILE "
+              "(runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(file: str, task: str, data_dir: str | None, arch: str | None,
+             unsafe_pickle: bool, as_json: bool) -> None:
+    """Measure a model (.pt, .safetensors, .pt2 or .dcz) on a task's validation and test splits.
+
+    \b
+    Example:
+      dcompress evaluate lenet5.dcz --task mnist --data-dir data/mnist
+    """
+    the_task = load_task(task, data_dir)
+    if Path(file).is_file() and _is_dcz(file):
+        model = _dcz_model(file, the_task, arch)
+    else:
+        model = build_model(read_model(file, unsafe_pickle=unsafe_pickle), the_task, arch)
+        if model is None:
+            raise CompressError(f"{file}: no architecture known; pass --arch module:factory")
+    result = {"file": file, "task": the_task.name, "val": task_metric(model, the_task, "val"),
+              "test": task_metric(model, the_task, "test")}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{file} on {the_task.name}: val {result['val']:.4f}, "
+                   f"test {result['test']:.4f}")
+
+
+def _is_dcz(file: str) -> bool:
+    from deepcompress.formats.dcz import MAGIC
+    with open(file, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _dcz_model(file: str, task, arch: str | None) -> torch.nn.Module:
+    if arch is not None:
+        from deepcompress.tasks import load_object
+        return deepcompress.load(file, load_object(arch, "--arch")())
+    with deepcompress.open_lazy(file) as f:
+        has_program = f.program_record is not None
+    if has_program:
+        return deepcompress.load(file)
+    if task.build_model is None:
+        raise CompressError(f"{file}: holds weights only and the task has no model; "
+                            "pass --arch module:factory")
+    return deepcompress.load(file, task.build_model())

@@ -1,0 +1,308 @@
+"""The three-stage pipeline: prune (with retraining), share weights (with centroid fine-tuning),
+then entropy coding by `save`. Without a task there is no retraining, so the data-free path only
+prunes when asked and shares with the lowest-error clustering, tensor by tensor."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bake import bake
+from .errors import CompressError
+from .formats import dcz
+from .kmeans import INITS, cluster_weight
+from .prune import (
+    AGPConfig,
+    IterativeConfig,
+    PruneConfig,
+    layer_stats,
+    prune_agp,
+    prune_iterative,
+    sparsity_mask,
+    std_mask,
+)
+from .quantize import ShareConfig, share_weights, weight_error
+from .tasks import Task
+from .train import TrainConfig, evaluate, fit
+
+SCHEDULES = ("iterative", "oneshot", "agp")
+
+
+@dataclass
+class CompressConfig:
+    """Every pipeline setting; the keys match the CLI flags (`--prune-epochs` is prune_epochs)."""
+
+    sparsity: float | dict[str, float] | None = None  # global, or {layer pattern: sparsity}
+    quality: float | None = None  # the paper's rule: prune |w| < quality * std(w)
+    bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without
+    init: str | None = None  # k-means init; None: linear with a task, optimal without
+    schedule: str = "iterative"
+    rounds: int = 3
+    prune_epochs: int = 4  # retraining epochs per pruning round
+    finetune_epochs: int = 4  # centroid fine-tuning epochs
+    lr: float = 0.01
+    finetune_lr: float | None = None  # None: lr / 10
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    min_weights: int = 1000  # smaller layers stay dense
+    seed: int = 0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and self.quality is not None:
+            raise CompressError("give either sparsity or quality, not both")
+        if isinstance(self.sparsity, dict):
+            for k, v in self.sparsity.items():
+                _check_unit(v, f"sparsity for {k!r}")
+        elif self.sparsity is not None:
+            _check_unit(self.sparsity, "sparsity")
+        if self.quality is not None and not (isinstance(self.quality, (int, float))
+                                             and self.quality >= 0):
+            raise CompressError(f"quality {self.quality!r}: must be a number >= 0, e.g. 1.0")
+        if self.schedule not in SCHEDULES:
+            raise CompressError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.init is not None and self.init not in INITS:
+            raise CompressError(f"init {self.init!r}: use one of {', '.join(INITS)}")
+        for name in ("rounds", "prune_epochs", "finetune_epochs", "batch_size", "min_weights"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name in ("rounds", "batch_size") else 0):
+                raise CompressError(f"{name} {value!r}: must be a non-negative whole number")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise CompressError(f"lr {self.lr!r}: must be a positive number, e.g. 0.01")
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any pruning was asked for."""
+        return self.sparsity is not None or self.quality is not None
+
+
+def _check_unit(value: object, what: str) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise CompressError(f"{what} {value!r}: must be in [0, 1), e.g. 0.9 prunes 90%")
+
+
+def parse_sparsity(text: str) -> float | dict[str, float]:
+    """'0.9' -> 0.9; 'fc1=0.92,fc2=0.9' -> {'fc1': 0.92, 'fc2': 0.9}."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise CompressError(f"sparsity {text!r}: write 0.9 or fc1=0.92,fc2=0.9") from None
+
+
+def load_config(path: str | Path, **overrides: object) -> CompressConfig:
+    """A CompressConfig from a TOML or YAML file (keys as the CLI flags), then `overrides`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml  # optional: pip install pyyaml
+            data = yaml.safe_load(text) or {}
+        else:
+            raise CompressError(f"{path}: config must be .toml or .yaml")
+    except ImportError:
+        raise CompressError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError and yaml errors subclass it or Exception
+        raise CompressError(f"{path}: not valid {path.suffix[1:].upper()} ({exc})") from None
+    if not isinstance(data, dict):
+        raise CompressError(f"{path}: config must be a table of settings")
+    known = {f.name for f in fields(CompressConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CompressError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(known))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CompressConfig(**data)
+    except TypeError as exc:
+        raise CompressError(f"{path}: {exc}") from None
+
+
+@dataclass
+class Stage:
+    """One pipeline stage's outcome."""
+
+    name: str
+    val_metric: float | None
+    test_metric: float | None
+    weights: int
+    nonzero: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class LayerRow:
+    """One tensor after compression: size, survivors, clusters, and (data-free) weight error."""
+
+    name: str
+    weights: int
+    nonzero: int
+    clusters: int
+    rel_l2_error: float | None = None
+    sqnr_db: float | None = None
+
+
+@dataclass
+class Report:
+    """What compress did, stage by stage and layer by layer."""
+
+    stages: list[Stage] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """fp32 dense bytes over compressed bytes."""
+        return self.stages[0].bytes / self.stages[-1].bytes if self.stages else 1.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def _encoded_bytes(state: dict[str, torch.Tensor]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return dcz.write(Path(tmp) / "m.dcz", state)
+
+
+def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:
+    return 4 * sum(t.numel() for t in state.values())
+
+
+def _stage(name: str, model: nn.Module, task: Task | None, started: float,
+           size: int | None = None) -> Stage:
+    state = bake(copy.deepcopy(model)).state_dict()
+    stats = layer_stats(model)
+    metric = (lambda s: evaluate(model, task, s)) if task is not None else (lambda s: None)
+    return Stage(name, metric("val"), metric("test"), sum(s.total for s in stats),
+                 sum(s.nonzero for s in stats), size if size is not None else _encoded_bytes(state),
+                 time.perf_counter() - started)
+
+
+def _prune_config(config: CompressConfig) -> PruneConfig:
+    if config.quality is not None:
+        return PruneConfig(criterion="std", quality=config.quality, min_weights=config.min_weights)
+    if isinstance(config.sparsity, dict):
+        return PruneConfig(criterion="sparsity", sparsity=0.0, layers=config.sparsity,
+                           include=tuple(config.sparsity), min_weights=config.min_weights)
+    return PruneConfig(criterion="sparsity", sparsity=config.sparsity, min_weights=config.min_weights)
+
+
+def compress(model: nn.Module, task: Task | None = None,
+             config: CompressConfig | None = None) -> tuple[nn.Module, Report]:
+    """Prune, then share weights, fine-tuning on the task if given; returns the baked model.
+
+    The model is changed in place. Save the result with deepcompress.save.
+    """
+    config = config or CompressConfig()
+    report = Report(config=asdict(config))
+    t0 = time.perf_counter()
+    dense_state = model.state_dict()
+    report.stages.append(_stage("dense", model, task, t0, size=_fp32_bytes(dense_state)))
+    reference = {k: v.detach().clone() for k, v in dense_state.items()}
+    train = TrainConfig(epochs=config.prune_epochs, lr=config.lr, batch_size=config.batch_size,
+                        weight_decay=config.weight_decay, seed=config.seed, quiet=config.quiet)
+    if config.prunes:
+        t = time.perf_counter()
+        pc = _prune_config(config)
+        if task is None:
+            from .prune import prune
+            prune(model, pc)
+        elif config.schedule == "agp":
+            steps = max(1, config.prune_epochs * config.rounds // 2)
+            prune_agp(model, task, pc, AGPConfig(steps=steps),
+                      TrainConfig(**{**asdict(train), "epochs": config.prune_epochs * config.rounds}))
+        else:
+            rounds = 1 if config.schedule == "oneshot" else config.rounds
+            prune_iterative(model, task, pc, IterativeConfig(rounds=rounds), train)
+        bake(model)
+        report.stages.append(_stage("pruned", model, task, t))
+    t = time.perf_counter()
+    bits = config.bits if config.bits is not None else ("conv=8,linear=5" if task else 8)
+    init = config.init or ("linear" if task else "optimal")
+    shares = share_weights(model, ShareConfig(bits=bits, init=init, seed=config.seed))
+    if task is not None and config.finetune_epochs:
+        fit(model, task, TrainConfig(**{**asdict(train), "epochs": config.finetune_epochs,
+                                        "lr": config.finetune_lr or config.lr / 10}))
+    bake(model)
+    report.stages.append(_stage("shared", model, task, t))
+    final = model.state_dict()
+    by_layer = {r.name: r for r in shares}
+    for name, tensor in final.items():
+        if not tensor.is_floating_point():
+            continue
+        layer = name.rsplit(".", 1)[0]
+        shared = name.endswith(".weight") and layer in by_layer
+        rel, sqnr = weight_error(reference[name], tensor) if name in reference else (None, None)
+        report.layers.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)),
+                                      by_layer[layer].n_clusters if shared else 0, rel, sqnr))
+    return model, report
+
+
+def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: CompressConfig,
+                     rows: list[LayerRow]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Data-free compression of a stream of named tensors, one at a time (memory per tensor).
+
+    Floating tensors with two or more dimensions (weights of linear, conv and embedding layers)
+    are pruned if asked and shared into 2^bits clusters; others pass unchanged. A row per tensor
+    (with its relative L2 error and SQNR) is appended to `rows`.
+    """
+    bits = config.bits if config.bits is not None else 8
+    if not (isinstance(bits, int) or str(bits).isdigit()) or not 1 <= int(bits) <= 8:
+        raise CompressError(f"bits {bits!r}: without a task give one number of bits, 1 to 8")
+    k = 1 << int(bits)
+    init = config.init or "optimal"
+    for name, tensor in items:
+        if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < config.min_weights:
+            rows.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)), 0))
+            yield name, tensor
+            continue
+        w = tensor.detach()
+        if config.quality is not None:
+            w = torch.where(std_mask(w, config.quality).bool(), w, 0.0)
+        elif isinstance(config.sparsity, float | int):
+            w = torch.where(sparsity_mask(w, float(config.sparsity)).bool(), w, 0.0)
+        codebook, index = cluster_weight(w, k, init=init, seed=config.seed)
+        shared = torch.where(index >= 0, codebook[index.clamp_min(0).long()], 0.0).to(w.dtype)
+        rel, sqnr = weight_error(tensor, shared)
+        rows.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(shared)),
+                             codebook.numel(), rel, None if math.isinf(sqnr) else sqnr))
+        yield name, shared
+
+
+def render_report(report: Report) -> str:
+    """A per-stage summary (metric, weights, bytes, ratio) and per-layer rows."""
+    dense = report.stages[0].bytes if report.stages else 0
+    lines = [f"{'stage':<8} {'val':>7} {'test':>7} {'nonzero':>10} {'of':>10} {'bytes':>10} "
+             f"{'ratio':>7} {'seconds':>8}"]
+    for s in report.stages:
+        val = f"{s.val_metric:.4f}" if s.val_metric is not None else "-"
+        test = f"{s.test_metric:.4f}" if s.test_metric is not None else "-"
+        lines.append(f"{s.name:<8} {val:>7} {test:>7} {s.nonzero:>10} {s.weights:>10} "
+                     f"{s.bytes:>10} {dense / max(s.bytes, 1):>6.1f}x {s.seconds:>8.1f}")
+    lines.append("")
+    lines.append(f"{'tensor':<32} {'weights':>9} {'density':>8} {'clusters':>8} {'rel L2':>8} "
+                 f"{'SQNR dB':>8}")
+    for r in report.layers:
+        rel = f"{r.rel_l2_error:.4f}" if r.rel_l2_error is not None else "-"
+        sq = f"{r.sqnr_db:.1f}" if r.sqnr_db is not None else "-"
+        lines.append(f"{r.name[:32]:<32} {r.weights:>9} {r.nonzero / max(r.weights, 1):>8.1%} "
+                     f"{r.clusters or '-':>8} {rel:>8} {sq:>8}")
+    return "\n".join(lines)
