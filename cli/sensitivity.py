@@ -1,0 +1,87 @@
+"""`dcompress sensitivity`: how much each layer tolerates pruning, without retraining."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from deepcompress.errors import CompressError
+from deepcompress.sensitivity import (
+    analyze,
+    parse_sparsities,
+    plot,
+    render_table,
+    thresholds,
+    to_dict,
+    tolerated_sparsities,
+)
+from deepcompress.tasks import load_object, load_task
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(2)
+
+
+def _load_model(path: str, task, arch: str | None) -> torch.nn.Module:
+    factory = load_object(arch, "--arch") if arch else task.build_model
+    if factory is None:
+        raise CompressError(f"task {task.name!r}: has no model factory; pass --arch module:factory")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CompressError(f"--arch {arch!r}: factory returned {type(model).__name__}, not a torch.nn.Module")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CompressError(f"{path}: cannot load as a state_dict ({type(exc).__name__}); save with torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict):
+        raise CompressError(f"{path}: holds a {type(state).__name__}, not a state_dict; save with torch.save(model.state_dict(), path)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise CompressError(f"{path}: does not fit the model ({first.strip()}); pass the matching --task or --arch") from None
+    return model
+
+
+@click.command("sensitivity")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--task", "task_spec", required=True,
+              help="Task to evaluate on: digits, mnist, or path/to/file.py:factory. Example: --task mnist")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder with the task's data files. Example: --data-dir data/mnist")
+@click.option("--arch", help="Model factory if not the task's own. Example: --arch deepcompress.models:lenet5")
+@click.option("--sparsities", default="0.5,0.6,0.7,0.8,0.9,0.95,0.98", show_default=True,
+              help="Comma-separated sparsities to try per layer. Example: --sparsities 0.5,0.9,0.99")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Metric drop tolerated when suggesting per-layer sparsities. Example: --tolerance 0.005")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table. Example: --json")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG line plot (needs matplotlib). Example: --plot sensitivity.png")
+@click.option("--quiet", is_flag=True, help="No progress bar. Example: --quiet")
+def sensitivity(model_path: str, task_spec: str, data_dir: str | None, arch: str | None,
+                sparsities: str, tolerance: float, as_json: bool, plot_path: str | None,
+                quiet: bool) -> None:
+    """Prune each layer of MODEL (a .pt state_dict) alone and report the validation metric."""
+    try:
+        if not Path(model_path).is_file():
+            raise CompressError(f"{model_path}: no such file; pass a state_dict saved with torch.save")
+        if not 0 <= tolerance < 1:
+            raise CompressError(f"--tolerance {tolerance}: must be in [0, 1); e.g. 0.01")
+        values = parse_sparsities(sparsities)
+        task = load_task(task_spec, data_dir)
+        model = _load_model(model_path, task, arch)
+        result = analyze(model, task, values, quiet=quiet)
+        if plot_path:
+            plot(result, plot_path)
+    except CompressError as exc:
+        _fail(str(exc))
+    chosen = tolerated_sparsities(result, tolerance)
+    if as_json:
+        data = to_dict(result, tolerance)
+        data["thresholds"] = thresholds(model, chosen)
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render_table(result, tolerance))

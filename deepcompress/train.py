@@ -1,0 +1,125 @@
+"""Training loop with best-validation checkpointing, and evaluation of a model on a task split."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from deepcompress.errors import CompressError
+from deepcompress.tasks import Task
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one call to fit."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+    optimizer: str = "sgd"  # 'sgd' (with momentum) or 'adam'
+    lr_schedule: str = "constant"  # 'constant' or 'cosine' (annealed to 0 over the epochs)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise CompressError(f"optimizer {self.optimizer!r}: unknown; use 'sgd' or 'adam'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CompressError(f"lr_schedule {self.lr_schedule!r}: unknown; use 'constant' or 'cosine'")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise CompressError(
+                f"TrainConfig(epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}): "
+                "need epochs >= 0, batch_size >= 1 and lr > 0"
+            )
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """Build the optimizer named in config over params."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, split: str = "test", batch_size: int = 1000) -> float:
+    """Task metric of model on the given split ('train', 'val' or 'test'), in eval mode."""
+    x, y = task.split(split)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+    return float(task.metric(logits, y))
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    on_epoch_end: Callable[[int], bool | None] | None = None,
+) -> list[dict]:
+    """Train model on task.train, restore the best validation epoch, return per-epoch history.
+
+    on_epoch_end(epoch) runs after each epoch's steps and before validation; if it returns
+    True the model was changed (e.g. pruned further), so only later epochs compete for best.
+    """
+    x, y = task.train
+    device = _device(model)
+    n = len(x)
+    history: list[dict] = []
+    batches = math.ceil(n / config.batch_size)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+            if config.lr_schedule == "cosine" else None
+        )
+        best_score, best_state = -math.inf, None
+        with tqdm(total=config.epochs * batches, disable=config.quiet, desc=f"train {task.name}",
+                  leave=False) as bar:
+            for epoch in range(config.epochs):
+                model.train()
+                order = torch.randperm(n, generator=shuffle)
+                total = 0.0
+                for start in range(0, n, config.batch_size):
+                    idx = order[start:start + config.batch_size]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = task.loss(model(x[idx].to(device)), y[idx].to(device))
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(idx)
+                    bar.update(1)
+                lr = optimizer.param_groups[0]["lr"]
+                if schedule is not None:
+                    schedule.step()
+                if on_epoch_end is not None and on_epoch_end(epoch):
+                    best_score, best_state = -math.inf, None
+                score = evaluate(model, task, "val")
+                history.append({"epoch": epoch, "train_loss": total / n, "val_metric": score,
+                                "lr": lr, "best": False})
+                if score > best_score:
+                    best_score = score
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_epoch = len(history) - 1
+                bar.set_postfix(loss=f"{total / n:.4f}", val=f"{score:.4f}")
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            history[best_epoch]["best"] = True
+    return history
