@@ -169,9 +169,10 @@ def _data_free(input_path: str, out: Path, config: CompressConfig, metadata: dic
     program = None
     if model_file is not None and model_file.program is not None and not no_arch:
         program = model_file.program
+    stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
     with _bar(count, config.quiet, "compress") as bar:
-        size = deepcompress.save(compress_tensors(counted(), config, rows), out, metadata,
-                                 program=program, on_tensor=lambda *_: bar.update(1))
+        size = deepcompress.save(stream, out, metadata, program=program,
+                                 on_tensor=lambda *_: bar.update(1))
     weights = sum(r.weights for r in rows)
     nonzero = sum(r.nonzero for r in rows)
     report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),

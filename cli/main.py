@@ -9,6 +9,7 @@ from deepcompress.errors import CompressError
 from deepcompress.formats import DczError
 
 from .compress_cmd import compress, decompress, evaluate
+from .demo_cmd import demo
 from .inspect_cmd import inspect
 from .sensitivity import sensitivity
 
@@ -46,6 +47,7 @@ def main(debug: bool) -> None:
 
 main.add_command(compress)
 main.add_command(decompress)
+main.add_command(demo)
 main.add_command(evaluate)
 main.add_command(inspect)
 main.add_command(sensitivity)

@@ -267,8 +267,14 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
     bits = config.bits if config.bits is not None else 8
     if not (isinstance(bits, int) or str(bits).isdigit()) or not 1 <= int(bits) <= 8:
         raise CompressError(f"bits {bits!r}: without a task give one number of bits, 1 to 8")
-    k = 1 << int(bits)
-    init = config.init or "optimal"
+    if isinstance(config.sparsity, dict):
+        raise CompressError("per-layer sparsity needs a model; without a task give one number")
+    return _compress_tensors(items, config, rows, 1 << int(bits), config.init or "optimal")
+
+
+def _compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: CompressConfig,
+                      rows: list[LayerRow], k: int, init: str
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in items:
         if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < config.min_weights:
             rows.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)), 0))
@@ -277,7 +283,7 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
         w = tensor.detach()
         if config.quality is not None:
             w = torch.where(std_mask(w, config.quality).bool(), w, 0.0)
-        elif isinstance(config.sparsity, float | int):
+        elif config.sparsity is not None:
             w = torch.where(sparsity_mask(w, float(config.sparsity)).bool(), w, 0.0)
         codebook, index = cluster_weight(w, k, init=init, seed=config.seed)
         shared = torch.where(index >= 0, codebook[index.clamp_min(0).long()], 0.0).to(w.dtype)

@@ -53,17 +53,24 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _set_mode(model: nn.Module, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:  # torch.export modules are fixed in the mode they were exported in
+        pass
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, split: str = "test", batch_size: int = 1000) -> float:
     """Task metric of model on the given split ('train', 'val' or 'test'), in eval mode."""
     x, y = task.split(split)
     device = _device(model)
     was_training = model.training
-    model.eval()
+    _set_mode(model, False)
     try:
         logits = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     return float(task.metric(logits, y))
 
 
