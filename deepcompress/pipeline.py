@@ -29,7 +29,7 @@ from .prune import (
     sparsity_mask,
     std_mask,
 )
-from .quantize import ShareConfig, share_weights, weight_error
+from .quantize import ShareConfig, share_biases, share_weights, weight_error
 from .tasks import Task
 from .train import TrainConfig, evaluate, fit
 
@@ -44,6 +44,7 @@ class CompressConfig:
     quality: float | None = None  # the paper's rule: prune |w| < quality * std(w)
     bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without
     init: str | None = None  # k-means init; None: linear with a task, optimal without
+    bias_bits: int | None = 5  # with a task, biases shared too (fine-tuned); None keeps fp32
     schedule: str = "iterative"
     rounds: int = 3
     prune_epochs: int = 4  # retraining epochs per pruning round
@@ -75,6 +76,9 @@ class CompressConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name in ("rounds", "batch_size") else 0):
                 raise CompressError(f"{name} {value!r}: must be a non-negative whole number")
+        if self.bias_bits is not None and (not isinstance(self.bias_bits, int)
+                                           or not 1 <= self.bias_bits <= 8):
+            raise CompressError(f"bias_bits {self.bias_bits!r}: must be 1 to 8, or none")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise CompressError(f"lr {self.lr!r}: must be a positive number, e.g. 0.01")
 
@@ -238,6 +242,8 @@ def compress(model: nn.Module, task: Task | None = None,
     bits = config.bits if config.bits is not None else ("conv=8,linear=5" if task else 8)
     init = config.init or ("linear" if task else "optimal")
     shares = share_weights(model, ShareConfig(bits=bits, init=init, seed=config.seed))
+    if task is not None and config.bias_bits is not None:
+        share_biases(model, config.bias_bits, init, config.seed)
     if task is not None and config.finetune_epochs:
         fit(model, task, TrainConfig(**{**asdict(train), "epochs": config.finetune_epochs,
                                         "lr": config.finetune_lr or config.lr / 10}))

@@ -240,3 +240,20 @@ def test_ddp_keeps_codebooks_identical_and_indices_fixed(tmp_path) -> None:
 def share_and_return(model: nn.Module) -> nn.Module:
     share_weights(model, ShareConfig(bits=4))
     return model
+
+
+def test_share_biases_trains_a_small_codebook():
+    from deepcompress.bake import bake
+    from deepcompress.quantize import share_biases
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 4))
+    assert share_biases(model, 3) == 1  # the 4-entry bias is left alone
+    codebook = model[0].parametrizations.bias.original
+    assert codebook.numel() <= 8 and codebook.requires_grad
+    model(torch.randn(5, 8)).sum().backward()
+    assert codebook.grad is not None and codebook.grad.shape == codebook.shape
+    bake(model)
+    assert len(torch.unique(model[0].bias.detach())) <= 8
+    with pytest.raises(CompressError):
+        share_biases(model, 9)

@@ -1,0 +1,149 @@
+"""Deep Compression's Table 1 on MNIST: train the dense model, run the pipeline with the project's
+settings for it (benchmarks/configs/MODEL.toml, chosen on the validation split), write the .dcz,
+reload it in a fresh process and evaluate it on the test split.
+
+    python benchmarks/table1.py --model lenet300 --data-dir ../shared/data/mnist \\
+        --out benchmarks/results/lenet300.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+import deepcompress
+from deepcompress.formats.summary import summarize
+from deepcompress.models import lenet5, lenet300
+from deepcompress.pipeline import CompressConfig, compress
+from deepcompress.tasks import load_task
+from deepcompress.train import TrainConfig, evaluate, fit
+
+MODELS = {"lenet300": lenet300, "lenet5": lenet5}
+PAPER = {"lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "top1_error": 1.58},
+         "lenet5": {"dense_kb": 1720, "compressed_kb": 44, "ratio": 39, "top1_error": 0.74}}
+HERE = Path(__file__).resolve().parent
+
+RELOAD = """
+import json, sys, torch
+import deepcompress
+from deepcompress.models import {model}
+from deepcompress.tasks import load_task
+from deepcompress.train import evaluate
+task = load_task("mnist", sys.argv[2])
+model = deepcompress.load(sys.argv[1], {model}())
+print(json.dumps({{"test": evaluate(model, task, "test"), "val": evaluate(model, task, "val")}}))
+"""
+
+
+def reload_and_evaluate(path: Path, model: str, data_dir: str) -> dict:
+    """Evaluate the .dcz in a fresh interpreter: nothing carried over from this process."""
+    out = subprocess.run([sys.executable, "-c", RELOAD.format(model=model), str(path), data_dir],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(model_name: str, data_dir: str, config_path: Path, workdir: Path) -> dict:
+    """Train, compress, save, reload: every figure of one Table 1 row."""
+    settings = tomllib.loads(config_path.read_text())
+    torch.manual_seed(settings.get("seed", 0))
+    task = load_task("mnist", data_dir)
+    model = MODELS[model_name]()
+    started = time.perf_counter()
+    fit(model, task, TrainConfig(**settings["dense"], quiet=True))
+    dense_seconds = time.perf_counter() - started
+    dense_val, dense_test = evaluate(model, task, "val"), evaluate(model, task, "test")
+    dense_pt = workdir / f"{model_name}.pt"
+    torch.save(model.state_dict(), dense_pt)
+    config = CompressConfig(**settings["compress"], quiet=True)
+    model, report = compress(model, task, config)
+    dcz = workdir / f"{model_name}.dcz"
+    deepcompress.save(model, dcz, {"benchmark": "table1", "model": model_name})
+    with_arch = workdir / f"{model_name}-arch.dcz"
+    deepcompress.save(model, with_arch,
+                      program=deepcompress.export_program(model, task.example_input))
+    reloaded = reload_and_evaluate(dcz, model_name, data_dir)
+    summary = summarize(dcz)
+    tensors = {t["name"]: t for t in summary["tensors"]}
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        w, b = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+        layers.append({
+            "layer": name, "weights": w["weights"], "nonzero": w["nonzero"],
+            "remaining_pct": 100 * w["nonzero"] / w["weights"],
+            "clusters": w["clusters"], "bits": math.ceil(math.log2(w["clusters"])) if w["clusters"] > 1 else 0,
+            "value_bits_per_nonzero": w.get("value_bits_per_nonzero"),
+            "position_bits_per_nonzero": w.get("position_bits_per_nonzero"),
+            "weight_bytes": w["bytes"], "bias_bytes": b["bytes"] if b else 0,
+            "ratio": 4 * w["weights"] / w["bytes"],
+        })
+    dense_bytes = dense_pt.stat().st_size
+    dcz_bytes = dcz.stat().st_size
+    return {
+        "model": model_name,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "config": str(config_path),
+        "dense_accuracy": dense_test, "dense_val_accuracy": dense_val,
+        "stages": [{"stage": s.name, "val_accuracy": s.val_metric, "test_accuracy": s.test_metric,
+                    "nonzero": s.nonzero, "weights": s.weights, "seconds": s.seconds}
+                   for s in report.stages],
+        "dense_training_seconds": dense_seconds,
+        "final_accuracy": reloaded["test"], "final_val_accuracy": reloaded["val"],
+        "accuracy_drop_points": 100 * (dense_test - reloaded["test"]),
+        "dense_bytes": dense_bytes, "dcz_bytes": dcz_bytes, "ratio": dense_bytes / dcz_bytes,
+        "dcz_bytes_with_architecture": with_arch.stat().st_size,
+        "header_bytes": summary["header_bytes"], "overhead_bytes": summary["overhead_bytes"],
+        "weights": summary["weights"], "nonzero": summary["nonzero"],
+        "layers": layers,
+        "paper": PAPER[model_name],
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def render(r: dict) -> str:
+    """The Table 1 row and the per-layer table (the paper's Tables 2 and 3)."""
+    lines = [f"{r['model']}: dense {r['dense_accuracy']:.2%} -> {r['final_accuracy']:.2%} "
+             f"(reloaded .dcz, {r['accuracy_drop_points']:+.2f} pt lost), "
+             f"{r['dense_bytes'] / 1000:.0f} KB -> {r['dcz_bytes'] / 1000:.1f} KB, "
+             f"{r['ratio']:.1f}x (paper {r['paper']['ratio']}x), {r['wall_seconds']:.0f} s",
+             f"{'layer':<8} {'weights':>8} {'remain':>7} {'bits':>5} {'val b/nz':>9} "
+             f"{'pos b/nz':>9} {'bytes':>7} {'ratio':>7}"]
+    for row in r["layers"]:
+        lines.append(f"{row['layer']:<8} {row['weights']:>8} {row['remaining_pct']:>6.1f}% "
+                     f"{row['bits']:>5} {row['value_bits_per_nonzero'] or 0:>9.2f} "
+                     f"{row['position_bits_per_nonzero'] or 0:>9.2f} "
+                     f"{row['weight_bytes'] + row['bias_bytes']:>7} {row['ratio']:>6.1f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), required=True, help="which LeNet")
+    ap.add_argument("--data-dir", required=True, help="folder with the MNIST IDX files")
+    ap.add_argument("--config", help="settings TOML (default benchmarks/configs/MODEL.toml)")
+    ap.add_argument("--out", help="JSON results path")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = Path(args.config) if args.config else HERE / "configs" / f"{args.model}.toml"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.model, args.data_dir, config.resolve(), Path(tmp))
+    print(render(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
