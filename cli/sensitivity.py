@@ -38,6 +38,8 @@ def _load_model(path: str, task, arch: str | None) -> torch.nn.Module:
         raise CompressError(f"{path}: cannot load as a state_dict ({type(exc).__name__}); save with torch.save(model.state_dict(), path)") from None
     if not isinstance(state, dict):
         raise CompressError(f"{path}: holds a {type(state).__name__}, not a state_dict; save with torch.save(model.state_dict(), path)")
+    if any(".parametrizations." in key or key.startswith("parametrizations.") for key in state):
+        raise CompressError(f"{path}: holds a parametrized (unbaked) state_dict; save torch.save(bake(model).state_dict(), path)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

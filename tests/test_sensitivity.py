@@ -132,6 +132,16 @@ def test_cli_bad_input_exits_2_with_one_line(saved, args, message):
     assert len(out.output.strip().splitlines()) == 1
 
 
+def test_cli_rejects_unbaked_state_dict(trained, tmp_path):
+    import copy
+
+    model = copy.deepcopy(trained)
+    prune(model, prune_config(SensitivityResult(0.9, [0.5], {"fc1": [0.9]}, {"fc1": 1}), 0.01))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    out = CliRunner().invoke(sensitivity, [str(tmp_path / "m.pt"), "--task", "digits"])
+    assert out.exit_code == 2 and "bake" in out.output
+
+
 def test_cli_missing_model_file(tmp_path):
     out = CliRunner().invoke(sensitivity, [str(tmp_path / "none.pt"), "--task", "digits"])
     assert out.exit_code == 2 and "no such file" in out.output
