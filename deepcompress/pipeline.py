@@ -24,6 +24,7 @@ from .prune import (
     IterativeConfig,
     PruneConfig,
     layer_stats,
+    prune,
     prune_agp,
     prune_iterative,
     sparsity_mask,
@@ -34,6 +35,7 @@ from .tasks import Task
 from .train import TrainConfig, evaluate, fit
 
 SCHEDULES = ("iterative", "oneshot", "agp")
+CRITERIA = ("global", "layer")
 
 
 @dataclass
@@ -45,14 +47,18 @@ class CompressConfig:
     bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without
     init: str | None = None  # k-means init; None: linear with a task, optimal without
     bias_bits: int | None = 5  # with a task, biases shared too (fine-tuned); None keeps fp32
-    schedule: str = "iterative"
-    rounds: int = 3
-    prune_epochs: int = 4  # retraining epochs per pruning round
+    criterion: str = "global"  # sparsity across all layers by magnitude, or "layer" (each alike)
+    schedule: str = "agp"  # agp (Zhu & Gupta's cubic), iterative (the paper's), oneshot
+    rounds: int = 3  # iterative: prune-retrain rounds
+    prune_epochs: int = 12  # retraining epochs (iterative: per round)
+    agp_initial: float = 0.5  # agp: sparsity at the start
+    agp_steps: int | None = None  # agp: epochs over which sparsity rises (None: 40% of them)
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     lr: float = 0.01
     finetune_lr: float | None = None  # None: lr / 10
+    lr_schedule: str = "cosine"  # or constant
     batch_size: int = 64
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
     min_weights: int = 1000  # smaller layers stay dense
     seed: int = 0
     quiet: bool = False
@@ -68,10 +74,18 @@ class CompressConfig:
         if self.quality is not None and not (isinstance(self.quality, (int, float))
                                              and self.quality >= 0):
             raise CompressError(f"quality {self.quality!r}: must be a number >= 0, e.g. 1.0")
+        if self.criterion not in CRITERIA:
+            raise CompressError(f"criterion {self.criterion!r}: use one of {', '.join(CRITERIA)}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise CompressError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant")
+        _check_unit(self.agp_initial, "agp_initial")
         if self.schedule not in SCHEDULES:
             raise CompressError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.init is not None and self.init not in INITS:
             raise CompressError(f"init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.agp_steps is not None and (not isinstance(self.agp_steps, int)
+                                           or not 1 <= self.agp_steps <= self.prune_epochs):
+            raise CompressError(f"agp_steps {self.agp_steps!r}: must be 1 to prune_epochs")
         for name in ("rounds", "prune_epochs", "finetune_epochs", "batch_size", "min_weights"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name in ("rounds", "batch_size") else 0):
@@ -206,7 +220,45 @@ def _prune_config(config: CompressConfig) -> PruneConfig:
     if isinstance(config.sparsity, dict):
         return PruneConfig(criterion="sparsity", sparsity=0.0, layers=config.sparsity,
                            include=tuple(config.sparsity), min_weights=config.min_weights)
-    return PruneConfig(criterion="sparsity", sparsity=config.sparsity, min_weights=config.min_weights)
+    criterion = "global" if config.criterion == "global" else "sparsity"
+    return PruneConfig(criterion=criterion, sparsity=config.sparsity,
+                       min_weights=config.min_weights)
+
+
+def _train_config(config: CompressConfig, **changes: object) -> TrainConfig:
+    base = TrainConfig(epochs=config.prune_epochs, lr=config.lr, batch_size=config.batch_size,
+                       weight_decay=config.weight_decay, seed=config.seed, quiet=config.quiet,
+                       lr_schedule=config.lr_schedule)
+    return TrainConfig(**{**asdict(base), **changes})
+
+
+def prune_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> nn.Module:
+    """Stage 1 in place: prune as configured (retraining on the task if given), then bake."""
+    pc = _prune_config(config)
+    if task is None:
+        prune(model, pc)
+    elif config.schedule == "agp" and pc.criterion != "std":
+        steps = config.agp_steps or max(1, round(0.4 * config.prune_epochs))
+        agp = AGPConfig(initial_sparsity=min(config.agp_initial, pc.sparsity), steps=steps)
+        prune_agp(model, task, pc, agp, _train_config(config))
+    else:
+        rounds = 1 if config.schedule == "oneshot" else config.rounds
+        prune_iterative(model, task, pc, IterativeConfig(rounds=rounds), _train_config(config))
+    return bake(model)
+
+
+def share_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> list:
+    """Stage 2 in place: share weights (and, with a task, biases), fine-tune centroids, bake."""
+    bits = config.bits if config.bits is not None else ("conv=8,linear=5" if task else 8)
+    init = config.init or ("linear" if task else "optimal")
+    shares = share_weights(model, ShareConfig(bits=bits, init=init, seed=config.seed))
+    if task is not None and config.bias_bits is not None:
+        share_biases(model, config.bias_bits, init, config.seed)
+    if task is not None and config.finetune_epochs:
+        fit(model, task, _train_config(config, epochs=config.finetune_epochs,
+                                       lr=config.finetune_lr or config.lr / 10))
+    bake(model)
+    return shares
 
 
 def compress(model: nn.Module, task: Task | None = None,
@@ -221,33 +273,12 @@ def compress(model: nn.Module, task: Task | None = None,
     dense_state = model.state_dict()
     report.stages.append(_stage("dense", model, task, t0, size=_fp32_bytes(dense_state)))
     reference = {k: v.detach().clone() for k, v in dense_state.items()}
-    train = TrainConfig(epochs=config.prune_epochs, lr=config.lr, batch_size=config.batch_size,
-                        weight_decay=config.weight_decay, seed=config.seed, quiet=config.quiet)
     if config.prunes:
         t = time.perf_counter()
-        pc = _prune_config(config)
-        if task is None:
-            from .prune import prune
-            prune(model, pc)
-        elif config.schedule == "agp":
-            steps = max(1, config.prune_epochs * config.rounds // 2)
-            prune_agp(model, task, pc, AGPConfig(steps=steps),
-                      TrainConfig(**{**asdict(train), "epochs": config.prune_epochs * config.rounds}))
-        else:
-            rounds = 1 if config.schedule == "oneshot" else config.rounds
-            prune_iterative(model, task, pc, IterativeConfig(rounds=rounds), train)
-        bake(model)
+        prune_stage(model, task, config)
         report.stages.append(_stage("pruned", model, task, t))
     t = time.perf_counter()
-    bits = config.bits if config.bits is not None else ("conv=8,linear=5" if task else 8)
-    init = config.init or ("linear" if task else "optimal")
-    shares = share_weights(model, ShareConfig(bits=bits, init=init, seed=config.seed))
-    if task is not None and config.bias_bits is not None:
-        share_biases(model, config.bias_bits, init, config.seed)
-    if task is not None and config.finetune_epochs:
-        fit(model, task, TrainConfig(**{**asdict(train), "epochs": config.finetune_epochs,
-                                        "lr": config.finetune_lr or config.lr / 10}))
-    bake(model)
+    shares = share_stage(model, task, config)
     report.stages.append(_stage("shared", model, task, t))
     final = model.state_dict()
     by_layer = {r.name: r for r in shares}
