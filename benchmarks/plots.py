@@ -11,10 +11,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import tempfile
-import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -22,41 +19,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    compress_config,
+    dcz_bytes,
+    dense_model,
+    pruned_copy,
+    settings,
+    shared_copy,
+)
 
-import deepcompress  # noqa: E402
-from deepcompress.bake import bake  # noqa: E402
-from deepcompress.models import lenet5, lenet300  # noqa: E402
-from deepcompress.prune import IterativeConfig, PruneConfig, prune_iterative  # noqa: E402
-from deepcompress.quantize import ShareConfig, share_biases, share_weights  # noqa: E402
 from deepcompress.tasks import load_task  # noqa: E402
-from deepcompress.train import TrainConfig, evaluate, fit  # noqa: E402
-
-MODELS = {"lenet300": lenet300, "lenet5": lenet5}
-HERE = Path(__file__).resolve().parent
-
-
-def share_and_tune(model, task, bits: int, settings: dict, bias_bits: int | None = 5):
-    """Weight sharing at `bits` on every layer, centroid fine-tuning, baked."""
-    c = settings["compress"]
-    share_weights(model, ShareConfig(bits=bits))
-    if bias_bits:
-        share_biases(model, bias_bits)
-    fit(model, task, TrainConfig(epochs=c.get("finetune_epochs", 4), lr=c.get("lr", 0.01) / 10,
-                                 quiet=True))
-    return bake(model)
-
-
-def dcz_bytes(model) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return deepcompress.save(model, Path(tmp) / "m.dcz")
-
-
-def prune_to(model, task, sparsity: float, settings: dict):
-    c = settings["compress"]
-    prune_iterative(model, task, PruneConfig(sparsity=sparsity),
-                    IterativeConfig(rounds=c.get("rounds", 3)),
-                    TrainConfig(epochs=c.get("prune_epochs", 4), lr=c.get("lr", 0.01), quiet=True))
-    return bake(model)
+from deepcompress.train import evaluate  # noqa: E402
 
 
 def weight_figure(dense, pruned, shared, layer: str, path: Path) -> None:
@@ -104,29 +78,27 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True, help="folder with the MNIST IDX files")
     ap.add_argument("--model", default="lenet300", choices=sorted(MODELS), help="which LeNet")
     ap.add_argument("--layer", default="fc2", help="layer for the weight-distribution figure")
-    ap.add_argument("--sparsities", default="0.9,0.95,0.96,0.98", help="sweep sparsities")
+    ap.add_argument("--sparsities", default="0.9,0.95,0.965,0.98", help="sweep sparsities")
     ap.add_argument("--bits", default="2,3,4,5,8", help="sweep bits")
     ap.add_argument("--out-dir", default="benchmarks/results", help="where the PNGs go")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = tomllib.loads((HERE / "configs" / f"{args.model}.toml").read_text())
-    torch.manual_seed(settings.get("seed", 0))
+    s = settings(args.model)
     task = load_task("mnist", args.data_dir)
-    dense = MODELS[args.model]()
-    fit(dense, task, TrainConfig(**settings["dense"], quiet=True))
+    dense = dense_model(args.model, task, s)
     dense_acc = evaluate(dense, task, "test")
     dense_bytes = 4 * sum(t.numel() for t in dense.state_dict().values())
     points = []
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        pruned = prune_to(copy.deepcopy(dense), task, sparsity, settings)
+    for sparsity in [float(x) for x in args.sparsities.split(",")]:
+        pruned = pruned_copy(dense, task, compress_config(s, sparsity=sparsity))
         for bits in [int(b) for b in args.bits.split(",")]:
-            shared = share_and_tune(copy.deepcopy(pruned), task, bits, settings)
+            shared = shared_copy(pruned, task, compress_config(s, sparsity=sparsity, bits=bits))
             points.append({"sparsity": sparsity, "bits": bits,
                            "accuracy": evaluate(shared, task, "test"),
                            "ratio": dense_bytes / dcz_bytes(shared)})
             print(points[-1], flush=True)
-            if sparsity == float(settings["compress"]["sparsity"]) and bits == 4:
+            if sparsity == float(s["compress"]["sparsity"]) and bits == 4:
                 weight_figure(dense, pruned, shared, args.layer,
                               out / f"weights-{args.model}-{args.layer}.png")
     sweep_figure(points, dense_acc, args.model, out / f"sweep-{args.model}.png")

@@ -21,15 +21,14 @@ import tomllib
 from pathlib import Path
 
 import torch
+from common import MODELS, dense_model
 
 import deepcompress
 from deepcompress.formats.summary import summarize
-from deepcompress.models import lenet5, lenet300
 from deepcompress.pipeline import CompressConfig, compress
 from deepcompress.tasks import load_task
-from deepcompress.train import TrainConfig, evaluate, fit
+from deepcompress.train import evaluate
 
-MODELS = {"lenet300": lenet300, "lenet5": lenet5}
 PAPER = {"lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "top1_error": 1.58},
          "lenet5": {"dense_kb": 1720, "compressed_kb": 44, "ratio": 39, "top1_error": 0.74}}
 HERE = Path(__file__).resolve().parent
@@ -56,11 +55,9 @@ def reload_and_evaluate(path: Path, model: str, data_dir: str) -> dict:
 def run(model_name: str, data_dir: str, config_path: Path, workdir: Path) -> dict:
     """Train, compress, save, reload: every figure of one Table 1 row."""
     settings = tomllib.loads(config_path.read_text())
-    torch.manual_seed(settings.get("seed", 0))
     task = load_task("mnist", data_dir)
-    model = MODELS[model_name]()
     started = time.perf_counter()
-    fit(model, task, TrainConfig(**settings["dense"], quiet=True))
+    model = dense_model(model_name, task, settings)
     dense_seconds = time.perf_counter() - started
     dense_val, dense_test = evaluate(model, task, "val"), evaluate(model, task, "test")
     dense_pt = workdir / f"{model_name}.pt"

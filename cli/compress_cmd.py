@@ -114,8 +114,9 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
     the_task = load_task(task, data_dir) if task else None
     started = time.perf_counter()
-    metadata = {"settings": {k: v for k, v in vars(config).items() if k != "quiet"},
-                "task": task}
+    defaults = CompressConfig()
+    metadata = {"settings": {k: v for k, v in vars(config).items()
+                             if k != "quiet" and v != getattr(defaults, k)}, "task": task}
     if the_task is not None:
         model_file = read_model(input_path, unsafe_pickle=unsafe_pickle)
         model = build_model(model_file, the_task, arch)

@@ -32,6 +32,11 @@ MAX_HEADER_BYTES = 1 << 26
 MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it
 MAX_DIMS = 32
 MAX_PROGRAM_BYTES = 1 << 30
+# zstd raw-content dictionary for the header (SPEC.md, appendix A): a typical header, so that
+# the keys of a small model's header cost almost nothing
+HEADER_DICTIONARY = (Path(__file__).parent / "header.dict").read_bytes()
+_HEADER_DICT = zstandard.ZstdCompressionDict(HEADER_DICTIONARY,
+                                             dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 _STREAM_KEYS = {"offset", "length", "crc32", "coding", "count"}
 
 
@@ -108,7 +113,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                                   "count": stream.count}
                 offset += len(stream.payload)
             raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-            header = zstandard.ZstdCompressor(level=19).compress(raw)
+            header = zstandard.ZstdCompressor(level=19, dict_data=_HEADER_DICT, write_dict_id=False,
+                                              write_checksum=False).compress(raw)
             f.write(header)
             body = struct.pack("<QQQI", offset, len(header), len(raw), zlib.crc32(header))
             f.write(body + struct.pack("<I", zlib.crc32(body)))
@@ -250,7 +256,8 @@ class DczFile(Mapping):
         stored = self._read(h_off, h_len)
         if zlib.crc32(stored) != h_crc:
             raise DczError(f"{self.path}: header: checksum mismatch")
-        raw = streams.zstd_decompress(bytes(stored), h_raw, f"{self.path}: header")
+        raw = streams.zstd_decompress(bytes(stored), h_raw, f"{self.path}: header",
+                                      dictionary=_HEADER_DICT)
         try:
             doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:

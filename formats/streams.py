@@ -48,14 +48,16 @@ def zstd_compress(data: bytes | np.ndarray, strong: bool = False) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
 
-def zstd_decompress(frame: bytes, size: int, what: str) -> bytearray:
+def zstd_decompress(frame: bytes, size: int, what: str,
+                    dictionary: zstandard.ZstdCompressionDict | None = None) -> bytearray:
     """Decompress a frame that must hold exactly `size` bytes, into a writable buffer."""
     out = bytearray(size)
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != size:
             raise DczError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
-        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+        dctx = zstandard.ZstdDecompressor(dict_data=dictionary)
+        reader = dctx.stream_reader(frame, read_across_frames=False)
         view = memoryview(out)
         filled = 0
         while filled < size:

@@ -217,10 +217,13 @@ def test_every_single_bit_flip_is_detected(tmp_path, small_file):
 def repack(data: bytes, edit) -> bytes:
     """Apply `edit` to the decoded header and rebuild the file with valid checksums."""
     h_off, h_len, _, _, _ = dcz.TRAILER.unpack(data[-dcz.TRAILER.size:])
-    doc = json.loads(zstandard.ZstdDecompressor().decompress(data[h_off:h_off + h_len]))
+    dictionary = zstandard.ZstdCompressionDict(dcz.HEADER_DICTIONARY,
+                                               dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    doc = json.loads(zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
+        data[h_off:h_off + h_len]))
     edit(doc)
     raw = json.dumps(doc).encode()
-    header = zstandard.ZstdCompressor().compress(raw)
+    header = zstandard.ZstdCompressor(dict_data=dictionary).compress(raw)
     body = struct.pack("<QQQI", h_off, len(header), len(raw), zlib.crc32(header))
     return data[:h_off] + header + body + struct.pack("<I", zlib.crc32(body))
 
@@ -308,3 +311,16 @@ def test_reader_limit_is_configurable(tmp_path):
     with pytest.raises(DczError, match="limit"):
         read(tmp_path / "m.dcz", max_elements=999)
     assert np.count_nonzero(read(tmp_path / "m.dcz")["a"].numpy()) == 0
+
+
+def test_header_dictionary_matches_the_spec():
+    import hashlib
+    import re
+    from pathlib import Path
+
+    spec = (Path(dcz.__file__).parent / "SPEC.md").read_text()
+    digest = re.search(r"SHA-256\s+`([0-9a-f]{64})`", spec).group(1)
+    assert hashlib.sha256(dcz.HEADER_DICTIONARY).hexdigest() == digest
+    assert len(dcz.HEADER_DICTIONARY) == 1877
+    folded = spec.split("## Appendix A")[1].split("```")[1]
+    assert folded.replace("\n", "").encode() == dcz.HEADER_DICTIONARY

@@ -30,5 +30,6 @@ def test_wheel_contains_subpackages(tmp_path):
     assert "deepcompress/formats/__init__.py" in names
     assert "deepcompress/formats/dcz.py" in names
     assert "deepcompress/formats/SPEC.md" in names
+    assert "deepcompress/formats/header.dict" in names
     assert "deepcompress/cli/main.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
