@@ -23,8 +23,18 @@ test: lint
 demo: install
 	$(BIN)/dcompress demo
 
+RESULTS := benchmarks/results
+
 bench: install
-	$(BIN)/python benchmarks/codec.py --out benchmarks/results/codec.json
+	$(BIN)/python benchmarks/codec.py --out $(RESULTS)/codec.json
+	$(BIN)/python benchmarks/kmeans.py --out $(RESULTS)/kmeans.json
+	for m in lenet300 lenet5; do \
+	  $(BIN)/python benchmarks/prune.py --data-dir $(DATA) --model $$m --quiet --out $(RESULTS)/prune_$$m.json && \
+	  $(BIN)/python benchmarks/table1.py --model $$m --data-dir $(DATA) --out $(RESULTS)/$$m.json --plot $(RESULTS)/inspect-$$m.png && \
+	  $(BIN)/python benchmarks/bits.py --model $$m --data-dir $(DATA) --out $(RESULTS)/bits-$$m.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/plots.py --data-dir $(DATA) --out-dir $(RESULTS)
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -131,11 +131,15 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True, help="folder with the MNIST IDX files")
     ap.add_argument("--config", help="settings TOML (default benchmarks/configs/MODEL.toml)")
     ap.add_argument("--out", help="JSON results path")
+    ap.add_argument("--plot", help="also draw dcompress inspect's per-layer plot to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     config = Path(args.config) if args.config else HERE / "configs" / f"{args.model}.toml"
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.model, args.data_dir, config.resolve(), Path(tmp))
+        if args.plot:
+            from deepcompress.cli.inspect_cmd import plot
+            plot(summarize(Path(tmp) / f"{args.model}.dcz"), args.plot)
     print(render(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
