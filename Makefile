@@ -21,7 +21,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/dcompress demo
+	$(BIN)/dcompress demo -o demo.dcz --force
 
 RESULTS := benchmarks/results
 
