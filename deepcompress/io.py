@@ -79,13 +79,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             raise CompressError(f"{path}: holds weights only (no architecture); pass the model: "
                                 "deepcompress.load(path, model=Net())")
         module = _program.unpack(archive).module()
-        _load_into(path, module, state)
-        return module
-    _load_into(path, model, load_state_dict(path))
-    return model
+        return load_into(path, module, state)
+    return load_into(path, model, load_state_dict(path))
 
 
-def _load_into(path: str | os.PathLike, model: nn.Module, state: dict) -> None:
+def load_into(source: str | os.PathLike, model: nn.Module, state: Mapping[str, torch.Tensor],
+              hint: str = "") -> nn.Module:
+    """load_state_dict(strict) with one error listing missing, unexpected and mismatched names."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -95,5 +95,7 @@ def _load_into(path: str | os.PathLike, model: nn.Module, state: dict) -> None:
         parts = [f"{label}: {', '.join(items)}" for label, items in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
                  if items]
-        raise CompressError(f"{path}: does not fit {type(model).__name__}: {'; '.join(parts)}")
+        raise CompressError(f"{source}: does not fit {type(model).__name__}: "
+                            f"{'; '.join(parts)}{hint}")
     model.load_state_dict(state, strict=True)
+    return model
