@@ -64,7 +64,7 @@ def sweep_figure(points: list[dict], dense_acc: float, model: str, path: Path) -
     ax.axhline(100 * dense_acc, color="gray", ls="--", lw=1, label="dense")
     ax.axhline(100 * dense_acc - 0.5, color="tab:red", ls=":", lw=1, label="dense - 0.5 pt")
     ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (fp32 state_dict bytes / .dcz bytes)")
+    ax.set_xlabel("compression ratio (fp32 bytes / .dcz bytes)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model} on MNIST: pruning + weight sharing")
     ax.legend(fontsize=8)

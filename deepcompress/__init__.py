@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .errors import CompressError  # noqa: E402
 from .formats import DczError  # noqa: E402
 from .io import export_program, load, load_state_dict, open_lazy, save  # noqa: E402
+from .pipeline import CompressConfig, Report, compress  # noqa: E402
 
-__all__ = ["CompressError", "DczError", "__version__", "export_program", "load",
-           "load_state_dict", "open_lazy", "save"]
+__all__ = ["CompressConfig", "CompressError", "DczError", "Report", "__version__", "compress",
+           "export_program", "load", "load_state_dict", "open_lazy", "save"]
