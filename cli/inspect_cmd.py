@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -56,7 +57,7 @@ def plot(s: dict, path: str) -> None:
     fig, (a, b) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(rows) + 2), 6), sharex=True)
     a.bar(names, [r["bytes"] for r in rows], color="tab:blue")
     a.set_ylabel("bytes")
-    a.set_title(f"{s['file']}: {s['file_bytes']} B, {s['ratio']:.1f}x vs fp32")
+    a.set_title(f"{Path(s['file']).name}: {s['file_bytes']} B, {s['ratio']:.1f}x vs fp32")
     b.bar(names, [8 * r["bytes"] / max(r["weights"], 1) for r in rows], color="tab:orange")
     b.set_ylabel("bits per weight")
     b.tick_params(axis="x", rotation=60)
