@@ -135,7 +135,8 @@ def main() -> None:
     bits = [r for r in (load("bits-lenet300.json"), load("bits-lenet5.json")) if r]
     km, codec = load("kmeans.json"), load("codec.json")
     md = ["# Benchmarks", "",
-          "Every figure here comes from `make bench` (about 30 minutes on the machine below), "
+          "Every figure here comes from `make bench` (its parts' wall times, measured here, add "
+          "up to about 45 minutes on the 2-core machine below), "
           "which runs the scripts in `benchmarks/` and then this page's generator, "
           "`benchmarks/report.py`, from the JSON in `benchmarks/results/`. MNIST is the real "
           "test set in `../shared/data/mnist` split 8,000/2,000: the first 8,000 images train "
@@ -155,7 +156,10 @@ def main() -> None:
                "## Per layer (the paper's Tables 2 and 3)", "",
                "P: pruning, Q: weight sharing, H: entropy coding. Value bits are the coded "
                "cluster index per nonzero weight, position bits the coded relative position "
-               "(the paper's index bits).", ""]
+               "(the paper's index bits); in the dense layout (position bits 0) zero is one more "
+               "symbol of the value stream, which then carries the positions too. Bytes are the "
+               "streams of the layer's weight and of its bias (codebooks and tables included).",
+               ""]
         for r in t1:
             md += layers(r) + [""]
         for r in t1:
