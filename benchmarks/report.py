@@ -99,33 +99,50 @@ def kmeans_section(r: dict) -> list[str]:
 
 def codec_section(r: dict) -> list[str]:
     big = r.get("big_fp16", {})
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
     out = [
         f"Synthetic VGG-16 ({r['weights']:,} weights, pruned to the paper's per-layer densities, "
         "8-bit conv and 5-bit fc codebooks), on " + r["machine"] + ":", "",
-        "| figure | value | target |", "| --- | --- | --- |",
-        f"| file bytes | {r['file_bytes']:,} ({r['ratio']:.1f}x vs fp32 {r['dense_fp32_bytes']:,}) | |",
+        "| figure | value | target | met |", "| --- | --- | --- | --- |",
+        f"| file bytes | {r['file_bytes']:,} ({r['ratio']:.1f}x vs fp32 {r['dense_fp32_bytes']:,}) | | |",
         f"| file vs order-0 entropy of index and gap streams + other bytes | "
-        f"{r['file_vs_entropy_plus_other']:.4f} | <= 1.02 |",
-        f"| encode, one core | {r['encode_seconds_one_core']:.1f} s | < 10 s |",
+        f"{r['file_vs_entropy_plus_other']:.4f} | <= 1.02 | "
+        f"{met(r['file_vs_entropy_plus_other'] <= 1.02)} |",
+        f"| encode, one core | {r['encode_seconds_one_core']:.1f} s | < 10 s | "
+        f"{met(r['encode_seconds_one_core'] < 10)} |",
         f"| decode to dense fp32 | {r['decode_seconds'] * 1000:.0f} ms, "
-        f"{r['decode_mb_per_s']:.0f} MB/s | <= torch.load (must: <= 2x) |",
+        f"{r['decode_mb_per_s']:.0f} MB/s | | |",
         f"| torch.load of the fp32 state_dict (same run, warm cache) | "
-        f"{r['torch_load_seconds'] * 1000:.0f} ms, {r['torch_load_mb_per_s']:.0f} MB/s | |",
-        f"| decode / torch.load | {r['decode_vs_torch_load']:.2f}x | <= 1.0 (must: <= 2.0) |",
+        f"{r['torch_load_seconds'] * 1000:.0f} ms, {r['torch_load_mb_per_s']:.0f} MB/s | | |",
+        f"| decode / torch.load | {r['decode_vs_torch_load']:.2f}x | <= 1.0 (must: <= 2.0) | "
+        f"{met(r['decode_vs_torch_load'] <= 1.0)} |",
         f"| peak memory while decoding, over the interpreter | "
-        f"{r['decode_peak_over_dense']:.2f}x the dense size | < 1.5x |",
-        f"| loading fc6 alone by name | {r['load_fc6_only']['seconds'] * 1000:.0f} ms | |",
+        f"{r['decode_peak_over_dense']:.2f}x the dense size | < 1.5x | "
+        f"{met(r['decode_peak_over_dense'] < 1.5)} |",
+        f"| loading fc6 alone by name | {r['load_fc6_only']['seconds'] * 1000:.0f} ms | | |",
     ]
     if big:
+        extra = big["save_peak_rss_mb"] - big["save_baseline_rss_mb"]
         out += [
             f"| 2 GB fp16 model in 200 tensors, saved from an iterator: peak RSS | "
             f"{big['save_peak_rss_mb']:.0f} MB ({big['save_baseline_rss_mb']:.0f} MB interpreter "
-            f"+ {big['save_peak_rss_mb'] - big['save_baseline_rss_mb']:.0f} MB; largest tensor "
-            f"{big['largest_tensor_mb']:.1f} MB) | < 2x largest tensor + interpreter |",
+            f"+ {extra:.0f} MB; largest tensor {big['largest_tensor_mb']:.1f} MB) | "
+            f"< 2x largest tensor + interpreter | {met(extra < 2 * big['largest_tensor_mb'])} |",
             f"| same file, one tensor loaded by name: peak RSS | "
             f"{big['load_one_peak_rss_mb']:.0f} MB (interpreter "
-            f"{big['load_one_baseline_rss_mb']:.0f} MB) | well under the model's size |"]
+            f"{big['load_one_baseline_rss_mb']:.0f} MB) | well under the model's size | "
+            f"{met(big['load_one_peak_rss_mb'] < big['model_mb'] / 4)} |"]
     out += ["", f"Bytes by coding: {', '.join(f'{k} {v:,}' for k, v in r['bytes_by_coding'].items())}."]
+    if big and big["save_peak_rss_mb"] - big["save_baseline_rss_mb"] >= 2 * big["largest_tensor_mb"]:
+        out += ["", "Saving holds, besides the tensor it is given, its byte-shuffled planes and "
+                "their zstd frame (about 2x the tensor), and the benchmark's generator makes each "
+                "fp16 tensor through an fp32 temporary; glibc also keeps freed 10 MB blocks. "
+                "Memory still follows the largest tensor, not the model (2 GB), but the 2x "
+                "target needs the raw path to shuffle and compress in chunks straight to the "
+                "file: not done yet."]
     return out
 
 
