@@ -38,23 +38,9 @@ from deepcompress.prune import (
     sparsity_mask,
     std_mask,
 )
-from deepcompress.tasks import load_task
-from deepcompress.train import TrainConfig, evaluate, fit
+from deepcompress.train import TrainConfig, evaluate
 
 QUICK = TrainConfig(epochs=2, lr=0.05, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(task):
-    torch.manual_seed(0)
-    model = digits_mlp()
-    fit(model, task, TrainConfig(epochs=4, lr=0.05, quiet=True))
-    return model
 
 
 @pytest.fixture

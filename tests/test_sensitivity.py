@@ -7,7 +7,6 @@ from click.testing import CliRunner
 
 from deepcompress.cli.sensitivity import sensitivity
 from deepcompress.errors import CompressError
-from deepcompress.models import digits_mlp
 from deepcompress.prune import layer_stats, prune
 from deepcompress.sensitivity import (
     SensitivityResult,
@@ -20,21 +19,7 @@ from deepcompress.sensitivity import (
     to_dict,
     tolerated_sparsities,
 )
-from deepcompress.tasks import load_task
-from deepcompress.train import TrainConfig, evaluate, fit
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(task):
-    torch.manual_seed(0)
-    model = digits_mlp()
-    fit(model, task, TrainConfig(epochs=4, lr=0.05, quiet=True))
-    return model
+from deepcompress.train import evaluate
 
 
 @pytest.fixture(scope="module")
