@@ -33,6 +33,7 @@ MAX_CLUSTERS = 256
 _TRY_BOTH_BELOW = 1 << 16  # tensors this small are encoded both ways and the smaller kept
 _SAMPLE = 1 << 16
 _TRY_PLAIN_BELOW = 1 << 20  # raw tensors up to 1 MB also try unshuffled bytes
+_CHUNK = 1 << 20  # larger ones are shuffled and compressed this many bytes at a time
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Encoded:
     @property
     def nbytes(self) -> int:
         """Total payload bytes of the streams."""
-        return sum(len(s.payload) for s in self.streams.values())
+        return sum(s.nbytes for s in self.streams.values())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -72,14 +73,29 @@ def encode_raw(tensor: torch.Tensor) -> Encoded:
     itemsize = DTYPES[name][1]
     if itemsize == 1 or data.size == 0:
         return Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
+    if data.size > _TRY_PLAIN_BELOW:
+        return _encode_large_raw(data, itemsize)
     planes = np.ascontiguousarray(data.reshape(-1, itemsize).T).reshape(-1)
     best = Encoded({"encoding": "raw", "shuffle": True}, {"data": streams.encode_bytes(planes)})
-    del planes
-    if data.size <= _TRY_PLAIN_BELOW:  # large tensors: shuffled only, to bound memory and time
-        plain = Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
-        if plain.nbytes < best.nbytes:
-            best = plain
-    return best
+    plain = Encoded({"encoding": "raw", "shuffle": False}, {"data": streams.encode_bytes(data)})
+    return plain if plain.nbytes < best.nbytes else best
+
+
+def _encode_large_raw(data: np.ndarray, itemsize: int) -> Encoded:
+    """Shuffled planes compressed chunk by chunk, so memory stays near the compressed size
+    (no full copy of the planes); incompressible data is stored as it is, without a copy."""
+    rows = data.reshape(-1, itemsize)
+    step = _CHUNK // itemsize
+    chunks = (np.ascontiguousarray(rows[start:start + step, plane])
+              for plane in range(itemsize) for start in range(0, rows.shape[0], step))
+    pieces = streams.zstd_frame_of_chunks(chunks, data.size)
+    if sum(len(p) for p in pieces) < data.size:
+        return Encoded({"encoding": "raw", "shuffle": True},
+                       {"data": streams.Stream("zstd", data.size, pieces)})
+    view = memoryview(data)
+    raw = [view[i:i + _CHUNK] for i in range(0, data.size, _CHUNK)]
+    return Encoded({"encoding": "raw", "shuffle": False},
+                   {"data": streams.Stream("raw", data.size, raw)})
 
 
 def _codebook(bits: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -51,6 +51,16 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
             t.dtype)
 
 
+def _put(f, stream: streams.Stream, offset: int) -> dict:
+    """Write a stream's payload at `offset`; its header record."""
+    crc = 0
+    for chunk in stream.chunks():
+        f.write(chunk)
+        crc = zlib.crc32(chunk, crc)
+    return {"offset": offset, "length": stream.nbytes, "crc32": crc, "coding": stream.coding,
+            "count": stream.count}
+
+
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable,
           metadata: Mapping | None = None,
           on_tensor: Callable[[str, int], None] | None = None,
@@ -94,12 +104,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
                 entry.update(encoded.fields)
                 entry["streams"] = {}
                 for sname, stream in encoded.streams.items():
-                    f.write(stream.payload)
-                    entry["streams"][sname] = {
-                        "offset": offset, "length": len(stream.payload),
-                        "crc32": zlib.crc32(stream.payload), "coding": stream.coding,
-                        "count": stream.count}
-                    offset += len(stream.payload)
+                    entry["streams"][sname] = _put(f, stream, offset)
+                    offset += stream.nbytes
                 entries.append(entry)
                 del tensor, encoded  # before the iterator makes the next one
                 if on_tensor is not None:
@@ -107,11 +113,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
             doc = {"tensors": entries, "metadata": meta}
             if program is not None:
                 stream = streams.encode_bytes(np.frombuffer(program, dtype=np.uint8))
-                f.write(stream.payload)
-                doc["program"] = {"offset": offset, "length": len(stream.payload),
-                                  "crc32": zlib.crc32(stream.payload), "coding": stream.coding,
-                                  "count": stream.count}
-                offset += len(stream.payload)
+                doc["program"] = _put(f, stream, offset)
+                offset += stream.nbytes
             raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
             header = zstandard.ZstdCompressor(level=19, dict_data=_HEADER_DICT, write_dict_id=False,
                                               write_checksum=False).compress(raw)

@@ -6,6 +6,7 @@ frame of the bytes) and `huffman` (a code-length table, then a canonical Huffman
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,23 @@ _ZSTD_STRONG = zstandard.ZstdCompressionParameters(
 
 @dataclass
 class Stream:
-    """An encoded stream: its coding, its symbol count and its payload bytes."""
+    """An encoded stream: its coding, its symbol count and its payload (bytes, or a list of
+    byte chunks that are written one after the other, so large payloads are never joined)."""
 
     coding: str
     count: int
-    payload: bytes
+    payload: bytes | list[bytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Payload length."""
+        if isinstance(self.payload, list):
+            return sum(len(c) for c in self.payload)
+        return len(self.payload)
+
+    def chunks(self) -> list[bytes]:
+        """The payload as a list of chunks."""
+        return self.payload if isinstance(self.payload, list) else [self.payload]
 
 
 def zstd_compress(data: bytes | np.ndarray, strong: bool = False) -> bytes:
@@ -46,6 +59,14 @@ def zstd_compress(data: bytes | np.ndarray, strong: bool = False) -> bytes:
     params = (_ZSTD_SMALL if memoryview(data).nbytes <= FAST_MIN_COUNT
               else _ZSTD_STRONG if strong else _ZSTD_FAST)
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+def zstd_frame_of_chunks(chunks: Iterable[np.ndarray], size: int) -> list[bytes]:
+    """One zstd frame (content size `size`) over chunks produced one at a time, as its pieces."""
+    cobj = zstandard.ZstdCompressor(compression_params=_ZSTD_FAST).compressobj(size=size)
+    pieces = [cobj.compress(c) for c in chunks]
+    pieces.append(cobj.flush())
+    return [p for p in pieces if p]
 
 
 def zstd_decompress(frame: bytes, size: int, what: str,

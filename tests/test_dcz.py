@@ -324,3 +324,16 @@ def test_header_dictionary_matches_the_spec():
     assert len(dcz.HEADER_DICTIONARY) == 1877
     folded = spec.split("## Appendix A")[1].split("```")[1]
     assert folded.replace("\n", "").encode() == dcz.HEADER_DICTIONARY
+
+
+def test_large_raw_tensors_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    sd = {"smooth": torch.randn(700, 1000, generator=g).cumsum(1),  # compressible: zstd, shuffled
+          "noise": torch.randint(-2**31, 2**31 - 1, (600_000,), generator=g, dtype=torch.int32)
+          .view(torch.float32),  # incompressible: stored as it is
+          "half": torch.randn(1_100_000, generator=g).half()}
+    write(tmp_path / "m.dcz", sd)
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["smooth"]["shuffle"] and f.entries["smooth"]["streams"]["data"]["coding"] == "zstd"
+        assert f.entries["noise"]["streams"]["data"]["coding"] == "raw"
+        assert_identical(sd, dict(f.load()))
