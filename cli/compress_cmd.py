@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import deepcompress
 from deepcompress.errors import CompressError
-from deepcompress.formats.readers import iter_safetensors, read_model
+from deepcompress.formats.readers import is_dcz, iter_safetensors, read_model
 from deepcompress.inputs import build_model
 from deepcompress.pipeline import (
     CompressConfig,
@@ -234,7 +234,7 @@ def evaluate(file: str, task: str, data_dir: str | None, arch: str | None,
       dcompress evaluate lenet5.dcz --task mnist --data-dir data/mnist
     """
     the_task = load_task(task, data_dir)
-    if Path(file).is_file() and _is_dcz(file):
+    if Path(file).is_file() and is_dcz(file):
         model = _dcz_model(file, the_task, arch)
     else:
         model = build_model(read_model(file, unsafe_pickle=unsafe_pickle), the_task, arch)
@@ -247,12 +247,6 @@ def evaluate(file: str, task: str, data_dir: str | None, arch: str | None,
     else:
         click.echo(f"{file} on {the_task.name}: val {result['val']:.4f}, "
                    f"test {result['test']:.4f}")
-
-
-def _is_dcz(file: str) -> bool:
-    from deepcompress.formats.dcz import MAGIC
-    with open(file, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
 
 
 def _dcz_model(file: str, task, arch: str | None) -> torch.nn.Module:

@@ -8,6 +8,7 @@ import copy
 import math
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -124,19 +125,22 @@ def load_config(path: str | Path, **overrides: object) -> CompressConfig:
         text = path.read_text()
     except OSError as exc:
         raise CompressError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
+    if path.suffix == ".toml":
+        try:
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+        except tomllib.TOMLDecodeError as exc:
+            raise CompressError(f"{path}: not valid TOML ({exc})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        try:
             import yaml  # optional: pip install pyyaml
+        except ImportError:
+            raise CompressError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
+        try:
             data = yaml.safe_load(text) or {}
-        else:
-            raise CompressError(f"{path}: config must be .toml or .yaml")
-    except ImportError:
-        raise CompressError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
-    except ValueError as exc:  # tomllib.TOMLDecodeError and yaml errors subclass it or Exception
-        raise CompressError(f"{path}: not valid {path.suffix[1:].upper()} ({exc})") from None
+        except yaml.YAMLError as exc:
+            raise CompressError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        raise CompressError(f"{path}: config must be .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise CompressError(f"{path}: config must be a table of settings")
     known = {f.name for f in fields(CompressConfig)}

@@ -45,7 +45,8 @@ def _flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _is_dcz(path: Path) -> bool:
+def is_dcz(path: str | os.PathLike) -> bool:
+    """Whether the file starts with the .dcz magic bytes."""
     with open(path, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC
 
@@ -55,7 +56,7 @@ def read_model(path: str | os.PathLike, unsafe_pickle: bool = False) -> ModelFil
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file; check the path")
-    if _is_dcz(path):
+    if is_dcz(path):
         raise ModelFileError(f"{path}: is already a .dcz; give the original model file "
                              "(or use 'dcompress decompress' to get one back)")
     suffix = path.suffix.lower()

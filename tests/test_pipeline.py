@@ -32,6 +32,14 @@ def test_bad_config_files_say_what_is_wrong(tmp_path, text, word):
         load_config(path)
 
 
+def test_config_of_unknown_type_is_named(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    with pytest.raises(CompressError, match=r"must be \.toml") as err:
+        load_config(path)
+    assert "not valid" not in str(err.value)
+
+
 def test_config_validation():
     with pytest.raises(CompressError, match="either"):
         CompressConfig(sparsity=0.5, quality=1.0)
