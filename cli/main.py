@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from deepcompress import __version__
-from deepcompress.errors import CompressError
-from deepcompress.formats import DczError
+from deepcompress.errors import DeepCompressError
 
 from .compress_cmd import compress, decompress, evaluate
 from .demo_cmd import demo
@@ -24,7 +23,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (CompressError, DczError, OSError) as exc:
+        except (DeepCompressError, OSError) as exc:
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {_one_line(exc)}", err=True)

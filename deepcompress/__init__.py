@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .errors import CompressError  # noqa: E402
-from .formats import DczError  # noqa: E402
+from .errors import CompressError, DczError, DeepCompressError, ModelFileError  # noqa: E402
 from .io import export_program, load, load_state_dict, open_lazy, save  # noqa: E402
 from .pipeline import CompressConfig, Report, compress  # noqa: E402
 
-__all__ = ["CompressConfig", "CompressError", "DczError", "Report", "__version__", "compress",
-           "export_program", "load", "load_state_dict", "open_lazy", "save"]
+__all__ = ["CompressConfig", "CompressError", "DczError", "DeepCompressError", "ModelFileError",
+           "Report", "__version__", "compress", "export_program", "load", "load_state_dict",
+           "open_lazy", "save"]

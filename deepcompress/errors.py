@@ -1,5 +1,10 @@
-"""The one exception type for bad input to the lossy stages, the pipeline and the API."""
+"""Errors of the lossy stages, the pipeline and the API, under the project's one base type."""
+
+from .formats.errors import DczError, DeepCompressError, ModelFileError
 
 
-class CompressError(ValueError):
-    """Bad input: the message is one line naming the thing at fault, the problem and the fix."""
+class CompressError(DeepCompressError):
+    """Bad settings or input to compression: one line naming the thing at fault and the fix."""
+
+
+__all__ = ["CompressError", "DczError", "DeepCompressError", "ModelFileError"]

@@ -1,6 +1,6 @@
 """The lossless layer: canonical Huffman, sparse positions and the `.dcz` container."""
 
 from .dcz import DczFile, read, write
-from .errors import DczError
+from .errors import DczError, DeepCompressError, ModelFileError
 
-__all__ = ["DczError", "DczFile", "read", "write"]
+__all__ = ["DczError", "DczFile", "DeepCompressError", "ModelFileError", "read", "write"]

@@ -7,6 +7,7 @@ structural. Its positions take the smallest layout (csr.py): dense, capped gaps 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,16 +185,22 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
                   what: str) -> torch.Tensor:
     """Rebuild a tensor from validated fields and its streams' (coding, count, payload)."""
     torch_dtype, itemsize = DTYPES[dtype]
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)
 
     def stream(key: str) -> np.ndarray:
         coding, count, payload = payloads[key]
         return streams.decode(coding, count, payload, f"{what} {key} stream")
 
+    if numel == 0:  # the header checked every count is 0; the codings are checked here
+        for key in payloads:
+            stream(key)
+        return torch.empty(shape, dtype=torch_dtype)  # a shape may hold huge dims beside a 0
     if fields["encoding"] == "raw":
         data = stream("data")
         if data.size != numel * itemsize:
             raise DczError(f"{what}: data stream has {data.size} bytes, expected {numel * itemsize}")
+        if dtype == "bool" and int(data.max()) > 1:
+            raise DczError(f"{what}: a bool element is neither 0 nor 1")
         if fields["shuffle"]:
             data = np.ascontiguousarray(data.reshape(itemsize, -1).T).reshape(-1)
         elif not data.flags.writeable:

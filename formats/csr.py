@@ -106,7 +106,8 @@ def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
 
 
 def _index_type(numel: int) -> type:
-    return np.int32 if numel < (1 << 31) - 1 else np.int64
+    # an advance is at most numel + 256 and the checked sum at most numel + 1: int32 cannot wrap
+    return np.int32 if numel < (1 << 30) else np.int64
 
 
 def _positions(advance: np.ndarray, keep: np.ndarray | None, nonzero: int, numel: int,
@@ -114,13 +115,16 @@ def _positions(advance: np.ndarray, keep: np.ndarray | None, nonzero: int, numel
     # float sum first: adversarial gaps must not overflow the exact integer cumsum
     if advance.size and float(advance.sum(dtype=np.float64)) > numel + 1:
         raise DczError(f"{what}: gaps run past the end of the tensor ({numel} elements)")
+    if keep is not None and keep.size and not keep[-1]:
+        raise DczError(f"{what}: gap stream ends with a filler")
     ends = np.cumsum(advance, dtype=advance.dtype)
     ends -= 1
     positions = ends if keep is None else ends[keep]
     if positions.size != nonzero:
         raise DczError(f"{what}: gaps place {positions.size} nonzeros, header says {nonzero}")
-    if positions.size and (positions[-1] >= numel or (keep is not None and not keep[-1])):
-        raise DczError(f"{what}: gaps run past the end of the tensor or end with a filler")
+    # every advance is >= 1, so positions rise strictly; a wrapped sum would break the ends
+    if positions.size and not (0 <= positions[0] and positions[-1] < numel):
+        raise DczError(f"{what}: gaps place a nonzero outside the tensor ({numel} elements)")
     return positions
 
 

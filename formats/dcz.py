@@ -8,6 +8,7 @@ a CRC32, so any flipped bit is caught on read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -29,9 +30,10 @@ VERSION = 1
 PREAMBLE = struct.Struct("<8sII")  # magic, version, crc32 of the first 12 bytes
 TRAILER = struct.Struct("<QQQII")  # header offset, header length, raw length, header crc, own crc
 MAX_HEADER_BYTES = 1 << 26
-MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it
+MAX_HEADER_ITEMS = 1 << 22  # JSON values in the header: bounds the memory of the parsed header
+MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it (up to 2^62)
 MAX_DIMS = 32
-MAX_PROGRAM_BYTES = 1 << 30
+MAX_PROGRAM_BYTES = 1 << 26
 # zstd raw-content dictionary for the header (SPEC.md, appendix A): a typical header, so that
 # the keys of a small model's header cost almost nothing
 HEADER_DICTIONARY = (Path(__file__).parent / "header.dict").read_bytes()
@@ -42,6 +44,66 @@ _STREAM_KEYS = {"offset", "length", "crc32", "coding", "count"}
 
 def _u64(x: object) -> bool:
     return type(x) is int and 0 <= x < (1 << 63)
+
+
+def _name(x: object) -> bool:
+    """A non-empty string that is valid Unicode (JSON escapes can make lone surrogates)."""
+    if not isinstance(x, str) or not x:
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shape_ok(shape: object) -> bool:
+    """A list of at most MAX_DIMS u64 dims whose nonzero dims multiply to less than 2^63."""
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_u64(d) for d in shape):
+        return False
+    return math.prod(d for d in shape if d) < (1 << 63)
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the system's available memory, lowered by an
+    address-space limit (ulimit -v) when one is set."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 40
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            avail = min(avail, max(limit - used, 0))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return avail
+
+
+def decode_cost(entry: dict) -> int:
+    """An upper bound on the bytes that decoding one stored (non-alias) entry allocates."""
+    numel = math.prod(entry["shape"])
+    out = numel * codec.DTYPES[entry["dtype"]][1]
+    recs = entry["streams"].values()
+    symbols = sum(s["count"] for s in recs)
+    stored = sum(s["length"] for s in recs)
+    positions = 0
+    if "gaps" in entry["streams"]:  # advance, ends and mask arrays, then the positions
+        positions = 17 * entry["streams"]["gaps"]["count"] + 8 * entry["nonzero"]
+    return 2 * out + 2 * symbols + stored + positions
 
 
 def _storage_key(t: torch.Tensor) -> tuple | None:
@@ -87,10 +149,14 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
             seen: dict[tuple, tuple[str, weakref.ref]] = {}
             names: set[str] = set()
             for name, tensor in items:
-                if not isinstance(name, str) or not name or name in names:
-                    raise ValueError(f"tensor name {name!r} is empty, not a string or repeated")
+                if not _name(name) or name in names:
+                    raise ValueError(f"tensor name {name!r} is empty, not a string, not valid "
+                                     "Unicode or repeated")
                 if not isinstance(tensor, torch.Tensor):
                     raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+                if not _shape_ok(list(tensor.shape)):
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} cannot be stored "
+                                     "(its nonzero dims multiply to 2^63 or more)")
                 names.add(name)
                 entry = {"name": name, "dtype": codec.dtype_name(tensor.dtype),
                          "shape": list(tensor.shape)}
@@ -137,65 +203,103 @@ def _no_duplicates(pairs: list) -> dict:
     return dict(pairs)
 
 
+def _no_constant(token: str) -> float:
+    raise DczError(f"header: {token} is not JSON (non-finite numbers are not allowed)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise DczError(f"header: number {text[:20]} is out of range")
+    return value
+
+
+def parse_header(raw: bytes | bytearray) -> dict:
+    """The header's JSON object, parsed with caps on its size and its number of values."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise DczError(f"header: {len(raw)} bytes, above the limit of {MAX_HEADER_BYTES}")
+    items = raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+    if items > MAX_HEADER_ITEMS:
+        raise DczError(f"header: up to {items} JSON values, above the limit of "
+                       f"{MAX_HEADER_ITEMS}")
+    try:
+        doc = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_no_constant, parse_float=_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, DczError):
+            raise
+        raise DczError(f"header: not valid JSON ({exc})") from None
+    if (not isinstance(doc, dict) or not {"tensors", "metadata"} <= set(doc)
+            or not set(doc) <= {"tensors", "metadata", "program"}
+            or not isinstance(doc["tensors"], list) or not isinstance(doc["metadata"], dict)):
+        raise DczError("header: must hold 'tensors' (a list), 'metadata' (an object) and at "
+                       "most 'program'")
+    if "program" in doc:
+        _check_stream(doc["program"], "header: program")
+        if doc["program"]["count"] > MAX_PROGRAM_BYTES:
+            raise DczError(f"header: program larger than {MAX_PROGRAM_BYTES} bytes")
+    return doc
+
+
 def _check_stream(s: object, where: str) -> None:
     if (not isinstance(s, dict) or set(s) != _STREAM_KEYS
             or not all(_u64(s[k]) for k in ("offset", "length", "count"))
             or type(s["crc32"]) is not int or not 0 <= s["crc32"] < (1 << 32)
-            or s["coding"] not in streams.CODINGS):
+            or not isinstance(s["coding"], str) or s["coding"] not in streams.CODINGS):
         raise DczError(f"{where}: bad stream record")
 
 
 def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: int) -> dict:
     """Validate one header entry against the schema; returns it."""
     where = f"header: tensor #{index}"
-    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
-        raise DczError(f"{where}: not an object with a non-empty name")
+    if not isinstance(e, dict) or not _name(e.get("name")):
+        raise DczError(f"{where}: not an object with a non-empty, valid Unicode name")
     name = e["name"]
     where = f"header: tensor {name!r}"
     if name in earlier:
         raise DczError(f"{where}: name repeated")
-    if e.get("dtype") not in codec.DTYPES:
-        raise DczError(f"{where}: unknown dtype {e.get('dtype')!r}")
+    dtype = e.get("dtype")
+    if not isinstance(dtype, str) or dtype not in codec.DTYPES:
+        raise DczError(f"{where}: unknown dtype {dtype!r}")
     shape = e.get("shape")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(_u64(d) for d in shape)):
-        raise DczError(f"{where}: bad shape")
-    numel = 1
-    for d in shape:
-        numel *= d
+    if not _shape_ok(shape):
+        raise DczError(f"{where}: bad shape (at most {MAX_DIMS} dims, each 0 <= d < 2^63, "
+                       "the nonzero ones multiplying to less than 2^63)")
+    numel = math.prod(shape)
     if numel > max_elements:
         raise DczError(f"{where}: declares {numel} elements, above the reader's limit "
                        f"of {max_elements}")
-    itemsize = codec.DTYPES[e["dtype"]][1]
+    itemsize = codec.DTYPES[dtype][1]
     enc = e.get("encoding")
     common = {"name", "dtype", "shape", "encoding"}
     if enc == "alias":
-        target = earlier.get(e.get("alias_of"))
+        alias_of = e.get("alias_of")
+        target = earlier.get(alias_of) if isinstance(alias_of, str) else None
         if set(e) != common | {"alias_of"} or target is None or target["encoding"] == "alias":
             raise DczError(f"{where}: alias must name an earlier stored tensor")
-        if target["dtype"] != e["dtype"] or target["shape"] != shape:
-            raise DczError(f"{where}: alias differs in dtype or shape from {e['alias_of']!r}")
+        if target["dtype"] != dtype or target["shape"] != shape:
+            raise DczError(f"{where}: alias differs in dtype or shape from {alias_of!r}")
         return e
     if enc == "raw":
         if set(e) != common | {"shuffle", "streams"} or type(e["shuffle"]) is not bool:
             raise DczError(f"{where}: bad raw entry fields")
         counts = {"data": numel * itemsize}
     elif enc == "shared":
+        layout = e.get("layout")
         keys = common | {"layout", "nonzero", "clusters", "streams"}
-        if e.get("layout") == "capped":
+        if layout == "capped":
             keys |= {"gap_bits"}
             if type(e.get("gap_bits")) is not int or not 1 <= e["gap_bits"] <= 8:
                 raise DczError(f"{where}: gap_bits must be 1..8")
-        if (set(e) != keys or e["dtype"] not in codec.SHAREABLE
-                or e["layout"] not in ("dense", "capped", "escape")):
+        if (set(e) != keys or dtype not in codec.SHAREABLE or not isinstance(layout, str)
+                or layout not in ("dense", "capped", "escape")):
             raise DczError(f"{where}: bad shared entry fields")
         k, nonzero = e["clusters"], e["nonzero"]
         if not (_u64(k) and _u64(nonzero) and nonzero <= numel and k <= min(nonzero, 256)):
             raise DczError(f"{where}: clusters or nonzero out of range")
-        if e["layout"] == "dense" and k > 255:
+        if layout == "dense" and k > 255:
             raise DczError(f"{where}: the dense layout holds at most 255 clusters")
-        counts = {"codebook": k * itemsize,
-                  "index": numel if e["layout"] == "dense" else nonzero}
+        counts = {"codebook": k * itemsize, "index": numel if layout == "dense" else nonzero}
     else:
         raise DczError(f"{where}: unknown encoding {enc!r}")
     got = e["streams"]
@@ -216,15 +320,23 @@ def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: 
 class DczFile(Mapping):
     """An open .dcz: validated header up front; each tensor decoded when first asked for."""
 
-    def __init__(self, path: str | os.PathLike, max_elements: int = MAX_ELEMENTS):
-        """Open and validate the file's preamble, trailer and header (no tensor is decoded)."""
+    def __init__(self, path: str | os.PathLike, max_elements: int = MAX_ELEMENTS,
+                 max_bytes: int | None = None):
+        """Open and validate the file's preamble, trailer and header (no tensor is decoded).
+
+        `max_elements` caps each tensor (at most 2^62); `max_bytes` is the memory budget for
+        decoding (default: the memory available now), checked before anything is allocated.
+        """
         self.path = Path(path)
+        self.max_bytes = available_memory() if max_bytes is None else max_bytes
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
-            self._parse(max_elements)
+            self._parse(min(max_elements, 1 << 62))
+        except MemoryError:
+            self.close()
+            raise DczError(f"{self.path}: header: not enough memory to parse it") from None
         except BaseException:
-            os.close(self._fd)
-            self._fd = -1
+            self.close()
             raise
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -259,24 +371,14 @@ class DczFile(Mapping):
         stored = self._read(h_off, h_len)
         if zlib.crc32(stored) != h_crc:
             raise DczError(f"{self.path}: header: checksum mismatch")
-        raw = streams.zstd_decompress(bytes(stored), h_raw, f"{self.path}: header",
+        raw = streams.zstd_decompress(stored, h_raw, f"{self.path}: header",
                                       dictionary=_HEADER_DICT)
         try:
-            doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            if isinstance(exc, DczError):
-                raise DczError(f"{self.path}: {exc}") from None
-            raise DczError(f"{self.path}: header: not valid JSON ({exc})") from None
-        if (not isinstance(doc, dict) or not {"tensors", "metadata"} <= set(doc)
-                or not set(doc) <= {"tensors", "metadata", "program"}
-                or not isinstance(doc["tensors"], list) or not isinstance(doc["metadata"], dict)):
-            raise DczError(f"{self.path}: header: must hold 'tensors', 'metadata' and at most "
-                           "'program'")
+            doc = parse_header(raw)
+        except DczError as exc:
+            raise DczError(f"{self.path}: {exc}") from None
+        del raw, stored
         self.program_record = doc.get("program")
-        if self.program_record is not None:
-            _check_stream(self.program_record, f"{self.path}: header: program")
-            if self.program_record["count"] > MAX_PROGRAM_BYTES:
-                raise DczError(f"{self.path}: header: program larger than {MAX_PROGRAM_BYTES}")
         entries: dict[str, dict] = {}
         try:
             for i, e in enumerate(doc["tensors"]):
@@ -300,15 +402,28 @@ class DczFile(Mapping):
         self.header_bytes = h_len
         self.overhead_bytes = PREAMBLE.size + h_len + TRAILER.size
 
-    def program(self) -> bytes | None:
-        """The checked architecture archive (formats.program), or None if the file has none."""
+    def program(self) -> bytearray | None:
+        """The architecture archive's checked bytes (see formats.program), or None if absent."""
         s = self.program_record
         if s is None:
             return None
         data = self._read(s["offset"], s["length"])
         if zlib.crc32(data) != s["crc32"]:
             raise DczError(f"{self.path}: program stream: checksum mismatch")
-        return streams.decode(s["coding"], s["count"], data, f"{self.path}: program").tobytes()
+        if s["coding"] == "raw":
+            if len(data) != s["count"]:
+                raise DczError(f"{self.path}: program: raw stream has {len(data)} bytes, "
+                               f"expected {s['count']}")
+            return data
+        if s["coding"] == "zstd":
+            return streams.zstd_decompress(data, s["count"], f"{self.path}: program")
+        return bytearray(streams.decode(s["coding"], s["count"], data, f"{self.path}: program"))
+
+    def check_program_checksum(self) -> None:
+        """Raise DczError unless the program stream (if any) matches its checksum."""
+        s = self.program_record
+        if s is not None and zlib.crc32(self._read(s["offset"], s["length"])) != s["crc32"]:
+            raise DczError(f"{self.path}: program stream: checksum mismatch")
 
     def payload(self, name: str, stream: str) -> bytearray:
         """The checked bytes of one stream of one tensor."""
@@ -318,15 +433,29 @@ class DczFile(Mapping):
             raise DczError(f"{self.path}: tensor {name!r} {stream} stream: checksum mismatch")
         return data
 
+    def _budget(self, need: int, what: str) -> None:
+        if need > self.max_bytes:
+            raise DczError(f"{self.path}: {what} needs about {need >> 20} MiB, above the memory "
+                           f"budget of {self.max_bytes >> 20} MiB; free memory, or pass a larger "
+                           "max_bytes if the machine has it")
+
     def decode(self, name: str) -> torch.Tensor:
         """Decode one tensor (no caching; aliases decode their target)."""
         e = self.entries[name]
         if e["encoding"] == "alias":
             return self.decode(e["alias_of"])
-        payloads = {k: (s["coding"], s["count"], self.payload(name, k))
-                    for k, s in e["streams"].items()}
-        return codec.decode_tensor(e, e["dtype"], e["shape"], payloads,
-                                   f"{self.path}: tensor {name!r}")
+        self._budget(decode_cost(e), f"tensor {name!r}")
+        what = f"{self.path}: tensor {name!r}"
+        try:
+            payloads = {k: (s["coding"], s["count"], self.payload(name, k))
+                        for k, s in e["streams"].items()}
+            return codec.decode_tensor(e, e["dtype"], e["shape"], payloads, what)
+        except MemoryError:
+            raise DczError(f"{what}: not enough memory to decode it") from None
+        except DczError as exc:
+            if str(exc).startswith(str(self.path)):
+                raise
+            raise DczError(f"{what}: {exc}") from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor, decoded on first access; tied names give the same tensor object."""
@@ -355,6 +484,11 @@ class DczFile(Mapping):
         roots = list(dict.fromkeys(self.entries[n].get("alias_of", n) for n in wanted))
         todo = [r for r in roots if r not in self._cache]
         workers = workers or min(4, os.cpu_count() or 1)
+        if todo:
+            costs = sorted((decode_cost(self.entries[r]) for r in todo), reverse=True)
+            results = sum(math.prod(self.entries[r]["shape"])
+                          * codec.DTYPES[self.entries[r]["dtype"]][1] for r in todo)
+            self._budget(results + sum(costs[:workers]), f"decoding {len(todo)} tensors")
         if workers > 1 and len(todo) > 1:
             with ThreadPoolExecutor(workers) as pool:
                 for r, t in zip(todo, pool.map(self.decode, todo), strict=True):
@@ -382,9 +516,12 @@ class DczFile(Mapping):
 
 
 def read(path: str | os.PathLike, names: Iterable[str] | None = None,
-         max_elements: int = MAX_ELEMENTS) -> dict[str, torch.Tensor]:
-    """Decode the named tensors (all by default) of a .dcz, bit-exact, ties restored."""
-    with DczFile(path, max_elements=max_elements) as f:
+         max_elements: int = MAX_ELEMENTS, max_bytes: int | None = None
+         ) -> dict[str, torch.Tensor]:
+    """Decode the named tensors (all by default) of a .dcz, bit-exact, ties restored; every
+    stream read is checked, the program's too."""
+    with DczFile(path, max_elements=max_elements, max_bytes=max_bytes) as f:
+        f.check_program_checksum()
         return f.load(names)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .dcz import MAGIC
-from .errors import DczError
+from .errors import ModelFileError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -26,10 +26,6 @@ class ModelFile:
     tensors: dict[str, torch.Tensor]
     program: object | None = None
     module: torch.nn.Module | None = field(default=None, repr=False)
-
-
-class ModelFileError(DczError):
-    """A model file that cannot be read; the message names the file and the fix."""
 
 
 def _flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -69,14 +69,27 @@ def zstd_frame_of_chunks(chunks: Iterable[np.ndarray], size: int) -> list[bytes]
     return [p for p in pieces if p]
 
 
-def zstd_decompress(frame: bytes, size: int, what: str,
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# the format's own bound: a 4-byte RLE block is the densest, and expands to at most 128 KiB
+MAX_ZSTD_RATIO = 1 << 15
+
+
+def zstd_decompress(frame: bytes | bytearray, size: int, what: str,
                     dictionary: zstandard.ZstdCompressionDict | None = None) -> bytearray:
-    """Decompress a frame that must hold exactly `size` bytes, into a writable buffer."""
-    out = bytearray(size)
+    """Decompress a frame that must hold exactly `size` bytes, into a writable buffer.
+
+    The frame header is read and the declared size checked (equal to `size`, and within what
+    the frame's length can expand to) before anything is allocated.
+    """
+    if bytes(frame[:4]) != ZSTD_MAGIC:
+        raise DczError(f"{what}: not a zstd frame (wrong magic; skippable frames are refused)")
+    if size > len(frame) * MAX_ZSTD_RATIO:
+        raise DczError(f"{what}: a {len(frame)}-byte zstd frame cannot hold {size} bytes")
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != size:
             raise DczError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
+        out = bytearray(size)
         dctx = zstandard.ZstdDecompressor(dict_data=dictionary)
         reader = dctx.stream_reader(frame, read_across_frames=False)
         view = memoryview(out)
@@ -172,6 +185,8 @@ def decode(coding: str, count: int, payload: bytes, what: str) -> np.ndarray:
     if coding == "huffman":
         if len(payload) < 1 or len(payload) < 1 + payload[0] + 1:
             raise DczError(f"{what}: huffman table truncated")
+        if count > 8 * (len(payload) - 1 - payload[0] - 1):  # every code takes at least one bit
+            raise DczError(f"{what}: huffman bitstream too short for {count} symbols")
         used = payload[0] + 1
         lengths = np.frombuffer(payload, dtype=np.uint8, count=used, offset=1)
         if lengths[-1] == 0:

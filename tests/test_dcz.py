@@ -259,6 +259,21 @@ FORGERIES = {
     "layout": lambda d: entry(d, "w").update(layout="escape"),
     "no tensors": lambda d: d.pop("tensors"),
     "tensors not a list": lambda d: d.update(tensors={"a": 1}),
+    # values of the wrong kind must be refused by the schema, not crash a lookup
+    "dtype is a list": lambda d: entry(d, "b").update(dtype=["float32"]),
+    "alias_of is a list": lambda d: d["tensors"].append(
+        {"name": "z", "dtype": "float32", "shape": [30], "encoding": "alias", "alias_of": ["b"]}),
+    "layout is an object": lambda d: entry(d, "w").update(layout={"capped": 1}),
+    "coding is a list": lambda d: entry(d, "w")["streams"]["index"].update(coding=["raw"]),
+    "encoding is a list": lambda d: entry(d, "b").update(encoding=["raw"]),
+    "shuffle is an int": lambda d: entry(d, "b").update(shuffle=1),
+    "count is a bool": lambda d: entry(d, "b")["streams"]["data"].update(count=True),
+    "name with a lone surrogate": lambda d: entry(d, "b").update(name="b\ud800"),
+    "program is null": lambda d: d.update(program=None),
+    "program is not a record": lambda d: d.update(program=[1, 2]),
+    "NaN in metadata": lambda d: d["metadata"].update(x=float("nan")),
+    "Infinity in metadata": lambda d: d["metadata"].update(x=float("inf")),
+    "shape overflows torch": lambda d: entry(d, "b").update(shape=[2**62, 4, 0]),
 }
 
 
@@ -266,6 +281,46 @@ FORGERIES = {
 def test_forged_headers_are_rejected(tmp_path, small_file, name):
     with pytest.raises(DczError):
         load_bytes(tmp_path, repack(small_file, FORGERIES[name]))
+
+
+def test_huge_numbers_and_deep_nesting_in_the_header_are_refused(tmp_path, small_file):
+    for raw in (b'{"tensors":[],"metadata":{"x":1e999}}', b"[" * 100_000 + b"]" * 100_000,
+                b'{"tensors":[],"metadata":{"x":' + b"[0," * 2_000_000 + b"0" + b"]" * 2_000_000
+                + b"}}"):
+        with pytest.raises(DczError, match="header"):
+            dcz.parse_header(raw)
+
+
+def test_a_huge_decode_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "big.dcz"
+    write(path, {"w": torch.randn(1000, 1000)})
+    with pytest.raises(DczError, match="memory budget"):
+        read(path, max_bytes=1 << 20)
+    with DczFile(path, max_bytes=1 << 20) as f, pytest.raises(DczError, match="big.dcz.*'w'"):
+        f["w"]
+    assert read(path, max_bytes=1 << 30)["w"].shape == (1000, 1000)
+
+
+def test_a_bool_byte_other_than_0_or_1_is_refused(tmp_path):
+    path = tmp_path / "b.dcz"
+    write(path, {"m": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0]).bool()})
+    data = path.read_bytes()
+    with DczFile(path) as f:
+        s = f.entries["m"]["streams"]["data"]
+    assert s["coding"] == "raw"
+    forged = bytearray(data)
+    forged[s["offset"] + 5] = 2
+    forged = repack(bytes(forged), lambda d: d["tensors"][0]["streams"]["data"].update(
+        crc32=zlib.crc32(bytes(forged[s["offset"]:s["offset"] + s["length"]]))))
+    with pytest.raises(DczError, match="bool"):
+        load_bytes(tmp_path, forged)
+
+
+def test_empty_tensors_with_huge_dims_load(tmp_path):
+    sd = {"e": torch.empty(2**40, 0, 3), "f": torch.zeros(0, 2**20)}
+    write(tmp_path / "e.dcz", sd)
+    back = read(tmp_path / "e.dcz")
+    assert back["e"].shape == (2**40, 0, 3) and back["f"].shape == (0, 2**20)
 
 
 def test_fixture_uses_a_sparse_layout(tmp_path, small_file):
