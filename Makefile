@@ -15,7 +15,7 @@ $(BIN)/dcompress: pyproject.toml
 install: $(BIN)/dcompress
 
 lint: install
-	$(BIN)/ruff check deepcompress formats cli tests benchmarks
+	$(BIN)/ruff check deepcompress formats cli tests benchmarks fuzz
 
 test: lint
 	$(BIN)/pytest

@@ -205,7 +205,12 @@ def decompress(input_path: str, output: str, force: bool) -> None:
     try:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)  # ties become copies
+            seen: set[int] = set()
+            plain = {}
+            for k, v in state.items():  # safetensors holds no ties: later names get copies
+                plain[k] = v.clone() if id(v) in seen else v.contiguous()
+                seen.add(id(v))
+            save_file(plain, tmp)
         else:
             torch.save(state, tmp)
         os.replace(tmp, out)

@@ -10,8 +10,9 @@ from torch import nn
 
 from . import __version__
 from .errors import CompressError
-from .formats import DczFile, dcz
+from .formats import DczError, DczFile, dcz
 from .formats import program as _program
+from .parametrize import baked_state_dict, refuse_unbaked
 
 
 def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
@@ -24,11 +25,18 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
     values is stored as codebook + indices, anything else in its own dtype, zstd-compressed.
     With `program` (a torch.export of the model), the file also holds the architecture without
     its weights, and `load(path)` returns a runnable module with no Python class needed.
+    A module's parametrizations (masks, codebooks) are saved baked, the module left unchanged;
+    a state_dict still holding parametrization keys is refused.
     """
-    tensors = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
-               else model_or_state_dict)
+    tensors = (baked_state_dict(model_or_state_dict) if isinstance(model_or_state_dict, nn.Module)
+               else refuse_unbaked(model_or_state_dict, str(path)))
     meta = {"producer": f"deepcompress {__version__}", **dict(metadata or {})}
-    packed = _program.pack(program) if program is not None else None
+    try:
+        packed = _program.pack(program) if program is not None else None
+    except DczError as exc:
+        raise CompressError(f"{path}: cannot embed this architecture safely ("
+                            f"{str(exc).removeprefix('program: ')}); save without program= to "
+                            "store the weights only") from None
     try:
         return dcz.write(path, tensors, meta, on_tensor=on_tensor, program=packed)
     except (TypeError, ValueError) as exc:
@@ -40,13 +48,15 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
 def export_program(model: nn.Module, example_input: torch.Tensor
                    ) -> torch.export.ExportedProgram | None:
     """torch.export of the model in eval mode for this input (batch size left free when the
-    model allows), or None if it does not export."""
+    model allows), or None if it does not export into a program a .dcz reader admits."""
     was_training = model.training
     model.eval()
     try:
         for dynamic in (({0: torch.export.Dim.DYNAMIC},), None):
             try:
-                return torch.export.export(model, (example_input,), dynamic_shapes=dynamic)
+                program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic)
+                _program.pack(program)  # refused if it uses what a reader must not run
+                return program
             except Exception:  # many models do not export; the .dcz then holds weights only
                 continue
         return None
@@ -54,33 +64,45 @@ def export_program(model: nn.Module, example_input: torch.Tensor
         model.train(was_training)
 
 
-def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """The tensors of a .dcz (all, or only `names`), bit-identical to what was saved."""
-    return dcz.read(path, names)
+def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None,
+                    max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .dcz (all, or only `names`), bit-identical to what was saved.
+
+    `max_bytes` is the memory budget for decoding (default: the memory available now).
+    """
+    return dcz.read(path, names, max_bytes=max_bytes)
 
 
-def open_lazy(path: str | os.PathLike) -> DczFile:
+def open_lazy(path: str | os.PathLike, max_bytes: int | None = None) -> DczFile:
     """A read-only mapping over a .dcz that decodes each tensor when first asked for."""
-    return DczFile(path)
+    return DczFile(path, max_bytes=max_bytes)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         max_bytes: int | None = None) -> nn.Module:
     """Load a .dcz into `model` (strict); one error lists missing, unexpected and mismatched names.
 
     Without `model`, the architecture stored in the file (if any) is rebuilt: no Python class
-    needed and nothing unpickled.
+    needed, nothing unpickled and no code from the file run; a bad file raises DczError.
     """
-    if model is None:
-        with DczFile(path) as f:
-            archive = f.program()
-            state = f.load()
+    if model is not None:
+        return load_into(path, model, load_state_dict(path, max_bytes=max_bytes))
+    with DczFile(path, max_bytes=max_bytes) as f:
+        archive = f.program()
         if archive is None:
+            f.load()  # a damaged file is reported as such first
             raise CompressError(f"{path}: holds weights only (no architecture); pass the model: "
                                 "deepcompress.load(path, model=Net())")
-        module = _program.unpack(archive).module()
-        return load_into(path, module, state)
-    return load_into(path, model, load_state_dict(path))
+        module = _program.load_module(archive)
+        del archive
+        _program.check_fits(module, f.entries, f.path)
+        state = f.load()
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DczError(f"{path}: program: its weights do not fit the tensors "
+                       f"({' '.join(str(exc).split())[:200]})") from None
+    return module
 
 
 def load_into(source: str | os.PathLike, model: nn.Module, state: Mapping[str, torch.Tensor],

@@ -436,8 +436,9 @@ class DczFile(Mapping):
     def _budget(self, need: int, what: str) -> None:
         if need > self.max_bytes:
             raise DczError(f"{self.path}: {what} needs about {need >> 20} MiB, above the memory "
-                           f"budget of {self.max_bytes >> 20} MiB; free memory, or pass a larger "
-                           "max_bytes if the machine has it")
+                           f"budget of {self.max_bytes >> 20} MiB; free memory, pass a larger "
+                           "max_bytes if the machine has it, or look with dcompress inspect "
+                           "--header-only")
 
     def decode(self, name: str) -> torch.Tensor:
         """Decode one tensor (no caching; aliases decode their target)."""

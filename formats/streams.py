@@ -74,6 +74,26 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_ZSTD_RATIO = 1 << 15
 
 
+def zstd_frame_length(frame: bytes | bytearray, what: str) -> int:
+    """The bytes of the zstd frame that starts `frame`, found by walking its block headers."""
+    try:
+        at = zstandard.frame_header_size(bytes(frame[:18]))
+    except zstandard.ZstdError as exc:
+        raise DczError(f"{what}: corrupt zstd frame header ({exc})") from None
+    view = memoryview(frame)
+    while True:
+        if at + 3 > len(view):
+            raise DczError(f"{what}: zstd frame truncated")
+        head = int.from_bytes(view[at:at + 3], "little")
+        kind = (head >> 1) & 3
+        if kind == 3:
+            raise DczError(f"{what}: zstd frame uses the reserved block type")
+        at += 3 + (1 if kind == 1 else head >> 3)  # an RLE block stores one byte
+        if head & 1:
+            break
+    return at + (4 if frame[4] & 4 else 0)  # the descriptor's content-checksum flag
+
+
 def zstd_decompress(frame: bytes | bytearray, size: int, what: str,
                     dictionary: zstandard.ZstdCompressionDict | None = None) -> bytearray:
     """Decompress a frame that must hold exactly `size` bytes, into a writable buffer.
@@ -85,6 +105,8 @@ def zstd_decompress(frame: bytes | bytearray, size: int, what: str,
         raise DczError(f"{what}: not a zstd frame (wrong magic; skippable frames are refused)")
     if size > len(frame) * MAX_ZSTD_RATIO:
         raise DczError(f"{what}: a {len(frame)}-byte zstd frame cannot hold {size} bytes")
+    if zstd_frame_length(frame, what) != len(frame):
+        raise DczError(f"{what}: bytes after the zstd frame (one frame, nothing else, allowed)")
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != size:

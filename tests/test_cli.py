@@ -84,6 +84,15 @@ def test_decompress_round_trip(trained, tmp_path):
         assert all(torch.equal(back[k], v) for k, v in deepcompress.load_state_dict(dcz).items())
 
 
+def test_decompress_of_tied_tensors_to_safetensors(tmp_path):
+    w = torch.randn(4, 3)
+    deepcompress.save({"a": w, "b": w}, tmp_path / "t.dcz")
+    r = run("decompress", tmp_path / "t.dcz", "-o", tmp_path / "t.safetensors")
+    assert r.exit_code == 0, r.output
+    back = deepcompress.formats.readers.read_model(tmp_path / "t.safetensors").tensors
+    assert torch.equal(back["a"], w) and torch.equal(back["b"], w)
+
+
 def test_help_has_examples():
     for cmd in ("compress", "decompress", "evaluate", "inspect", "demo", "sensitivity"):
         r = run(cmd, "--help")

@@ -69,3 +69,30 @@ def test_bad_files_exit_2_with_one_line(tmp_path, dcz_file, make):
 def test_version():
     out = CliRunner().invoke(main, ["--version"])
     assert out.exit_code == 0 and deepcompress.__version__ in out.output
+
+
+def test_inspect_valid_but_unusual_files(tmp_path):
+    """float8 tensors, 60,000 tied names (inspect is linear in them) and control characters."""
+    w = torch.randn(50, 4)
+    sd = {"f8": torch.randn(64).to(torch.float8_e4m3fn), "f8b": torch.zeros(3).to(
+        torch.float8_e5m2), "esc\x1b[2Jname": torch.ones(2), "w": w,
+          **{f"tied.{i}": w for i in range(60_000)}}
+    path = tmp_path / "odd.dcz"
+    deepcompress.save(sd, path)
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "\x1b" not in out.output and "esc\\x1b[2Jname" in out.output
+    s = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    rows = {r["name"]: r for r in s["tensors"]}
+    assert rows["f8"]["nonzero"] == int((sd["f8"].float() != 0).sum()) and rows["f8b"]["nonzero"] == 0
+    assert rows["tied.59999"]["layout"] == "alias of w" and rows["tied.59999"]["nonzero"] == 200
+
+
+def test_inspect_header_only_decodes_nothing(dcz_file, monkeypatch):
+    path, _ = dcz_file
+    from deepcompress.formats import dcz
+
+    monkeypatch.setattr(dcz.DczFile, "decode", lambda *a: pytest.fail("decoded a tensor"))
+    out = CliRunner().invoke(main, ["inspect", str(path), "--header-only"])
+    assert out.exit_code == 0, out.output
+    assert "not counted (header only)" in out.output

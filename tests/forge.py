@@ -1,0 +1,837 @@
+"""Take a .dcz apart and put it back together with every checksum recomputed (attack tests)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import random
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from deepcompress.formats import dcz
+
+MAGIC = b"\x89DCZ\r\n\x1a\n"
+PREAMBLE = struct.Struct("<8sII")
+TRAILER = struct.Struct("<QQQII")
+ZSTD_MAGIC = 0xFD2FB528
+PROGRAM: tuple[int, str] = (-1, "program")  # the stream key of the program archive
+Key = tuple[int, str]  # (entry index, stream name), or PROGRAM
+
+
+# --- stream payload builders -------------------------------------------------------------------
+
+def zstd_frame(data: bytes, content_size: bool = True, level: int = 3) -> bytes:
+    """A plain zstd frame of data (with or without its content size)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=content_size,
+                                    write_checksum=False).compress(data)
+
+
+def lying_zstd_frame(data: bytes, declared: int) -> bytes:
+    """A zstd frame of `data` whose header declares `declared` content bytes (8-byte field)."""
+    frame = zstd_frame(data, content_size=False)
+    desc = frame[4]
+    assert desc >> 5 & 1 == 0 and desc >> 6 == 0, "expected a windowed frame without size"
+    head = 6 + (0, 1, 2, 4)[desc & 3]  # magic, descriptor, window, dictionary id
+    return (frame[:4] + bytes([desc | 0xC0]) + frame[5:head] + struct.pack("<Q", declared)
+            + frame[head:])
+
+
+def skippable_frame(data: bytes, nibble: int = 0) -> bytes:
+    """A zstd skippable frame (magic 0x184D2A5?) holding data."""
+    return struct.pack("<II", 0x184D2A50 | (nibble & 15), len(data)) + data
+
+
+def rle_zstd_frame(byte: int, size: int) -> bytes:
+    """A small zstd frame of `size` copies of one byte, built from RLE blocks (a bomb)."""
+    out = [struct.pack("<IB", ZSTD_MAGIC, 0xC0 | 0), bytes([0x70]), struct.pack("<Q", size)]
+    block = 1 << 17
+    for start in range(0, max(size, 1), block):
+        n = min(block, size - start)
+        last = start + block >= size
+        header = (n << 3) | (1 << 1) | int(last)  # block type 1 = RLE
+        out.append(header.to_bytes(3, "little") + bytes([byte]))
+    return b"".join(out)
+
+
+def varints(values: list[int]) -> bytes:
+    """Unsigned LEB128 of each value, concatenated (few values; no numpy needed)."""
+    out = bytearray()
+    for v in values:
+        while True:
+            b = v & 0x7F
+            v >>= 7
+            out.append(b | (0x80 if v else 0))
+            if not v:
+                break
+    return bytes(out)
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """The canonical code value of every symbol (SPEC 3: sorted by (length, symbol))."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes = np.zeros(lengths.size, dtype=np.int64)
+    used = np.flatnonzero(lengths)
+    order = used[np.lexsort((used, lengths[used]))]
+    code, prev = 0, 0
+    for i, s in enumerate(order):  # one step per alphabet symbol, not per byte
+        if i:
+            code += 1
+        code <<= int(lengths[s]) - prev
+        prev = int(lengths[s])
+        codes[s] = code
+    return codes
+
+
+def huffman_bits(symbols: np.ndarray, lengths: np.ndarray, pad_bit: int = 0) -> bytes:
+    """The MSB-first bitstream of `symbols` under canonical `lengths`, padded with pad_bit."""
+    symbols = np.asarray(symbols, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes = canonical_codes(lengths)
+    sym_len = lengths[symbols]
+    total = int(sym_len.sum())
+    starts = np.cumsum(sym_len) - sym_len
+    owner = np.repeat(np.arange(symbols.size), sym_len)
+    k = np.arange(total) - starts[owner]
+    bits = (codes[symbols][owner] >> (sym_len[owner] - 1 - k)) & 1
+    pad = (-total) % 8
+    bits = np.concatenate((bits, np.full(pad, pad_bit, dtype=np.int64))).astype(np.uint8)
+    return np.packbits(bits).tobytes()
+
+
+def huffman_payload(symbols: np.ndarray, lengths: np.ndarray | list[int],
+                    pad_bit: int = 0) -> bytes:
+    """A `huffman` stream payload: u8 A-1, the A lengths, the bitstream."""
+    lengths = np.asarray(lengths, dtype=np.uint8)
+    return (bytes([lengths.size - 1]) + lengths.tobytes()
+            + huffman_bits(symbols, lengths, pad_bit))
+
+
+def flat_lengths(alphabet: int) -> np.ndarray:
+    """A complete code over `alphabet` symbols (a power of two) with equal lengths."""
+    return np.full(alphabet, int(math.log2(alphabet)), dtype=np.uint8)
+
+
+def decode_payload(coding: str, count: int, payload: bytes) -> bytes:
+    """The symbols of a stream of a file we trust (a real, unforged .dcz)."""
+    if coding == "raw":
+        return bytes(payload)
+    if coding == "const":
+        return bytes(payload[:1]) * count
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=count)
+    from deepcompress.formats import huffman
+    used = payload[0] + 1
+    lengths = np.frombuffer(payload, dtype=np.uint8, count=used, offset=1)
+    return huffman.decode(bytes(payload[1 + used:]), lengths, count).tobytes()
+
+
+def pickle_that_touches(path: str) -> bytes:
+    """A protocol-0 pickle that creates `path` when unpickled: proof that a pickle ran."""
+    return f"cbuiltins\nopen\n(V{path}\nVw\ntR.".encode()
+
+
+class _Nan:
+    """Marker for a literal written into the JSON text (NaN, Infinity, -Infinity)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _with_literals(doc: dict) -> bytes:
+    """Dump doc, writing _Nan markers as bare literals (invalid JSON that Python accepts)."""
+    marks: dict[str, str] = {}
+
+    def default(o: object) -> object:
+        if isinstance(o, _Nan):
+            key = f"@@lit{len(marks)}@@"
+            marks[key] = o.text
+            return key
+        raise TypeError(type(o).__name__)
+
+    text = json.dumps(doc, separators=(",", ":"), default=default)
+    for key, lit in marks.items():
+        text = text.replace(json.dumps(key), lit)
+    return text.encode()
+
+
+# --- the file as parts -------------------------------------------------------------------------
+
+@dataclass
+class Forged:
+    """A .dcz as parts: header doc, stream payloads in file order, and optional raw overrides."""
+
+    doc: dict
+    payloads: dict[Key, bytes]
+    version: int = 1
+    header_text: bytes | None = None  # JSON bytes used instead of dumping doc
+    header_frame: bytes | None = None  # zstd frame used instead of compressing the JSON
+    declared_raw: int | None = None  # trailer's R instead of the JSON length
+    pinned: dict[Key, set[str]] = field(default_factory=dict)  # record fields left as they are
+    gap: bytes = b""  # bytes no stream covers, before the header
+
+    @classmethod
+    def parse(cls, data: bytes) -> Forged:
+        """Split a real .dcz into parts (no checks: it is ours)."""
+        _, version, _ = PREAMBLE.unpack_from(data)
+        h_off, h_len, h_raw, _, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+        raw = zstandard.ZstdDecompressor(dict_data=dcz._HEADER_DICT).decompress(
+            data[h_off:h_off + h_len], max_output_size=h_raw)
+        doc = json.loads(raw)
+        f = cls(doc, {}, version)
+        spans = []
+        for key in f.keys():
+            rec = f.record(key)
+            spans.append((rec["offset"], key, data[rec["offset"]:rec["offset"] + rec["length"]]))
+        f.payloads = {key: payload for _, key, payload in sorted(spans)}
+        return f
+
+    @classmethod
+    def read(cls, path: str | Path) -> Forged:
+        """Parse the .dcz at path."""
+        return cls.parse(Path(path).read_bytes())
+
+    def copy(self) -> Forged:
+        """A deep copy to mutate."""
+        return copy.deepcopy(self)
+
+    def keys(self) -> list[Key]:
+        """Keys of every stream record the doc holds, in doc order."""
+        out: list[Key] = []
+        for i, e in enumerate(self.doc.get("tensors") or []):
+            if isinstance(e, dict) and isinstance(e.get("streams"), dict):
+                out += [(i, s) for s, r in e["streams"].items() if isinstance(r, dict)]
+        if isinstance(self.doc.get("program"), dict):
+            out.append(PROGRAM)
+        return out
+
+    def record(self, key: Key) -> dict | None:
+        """The stream record of key, or None if the doc no longer has it as an object."""
+        try:
+            rec = (self.doc["program"] if key == PROGRAM
+                   else self.doc["tensors"][key[0]]["streams"][key[1]])
+        except (KeyError, IndexError, TypeError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def index(self, name: str) -> int:
+        """Position of the entry named name."""
+        return next(i for i, e in enumerate(self.doc["tensors"]) if e.get("name") == name)
+
+    def entry(self, name: str) -> dict:
+        """The entry named name."""
+        return self.doc["tensors"][self.index(name)]
+
+    def remove_entry(self, name: str) -> None:
+        """Drop an entry and its payloads (later entries' keys move down by one)."""
+        i = self.index(name)
+        del self.doc["tensors"][i]
+        self.payloads = {(k[0] - (k[0] > i), k[1]): v for k, v in self.payloads.items()
+                         if k[0] != i}
+        self.pinned = {(k[0] - (k[0] > i), k[1]): v for k, v in self.pinned.items() if k[0] != i}
+
+    def set_stream(self, key: Key, payload: bytes, coding: str | None = None,
+                   count: int | None = None) -> None:
+        """Replace a stream's payload (and its coding and count, if given)."""
+        rec = self.record(key)
+        if rec is not None:
+            if coding is not None:
+                rec["coding"] = coding
+            if count is not None:
+                rec["count"] = count
+        self.payloads[key] = bytes(payload)
+
+    def symbols(self, key: Key) -> bytes:
+        """The decoded symbols of a stream (only for parts of a real file)."""
+        rec = self.record(key)
+        return decode_payload(rec["coding"], rec["count"], self.payloads[key])
+
+    def program_members(self) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every member of the program archive."""
+        z = zipfile.ZipFile(io.BytesIO(self.symbols(PROGRAM)))
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+    def set_program_members(self, members: list[tuple[str, bytes]]) -> None:
+        """Replace the program archive by a stored zip of these members (zstd-coded)."""
+        out = io.BytesIO()
+        with (warnings.catch_warnings(), zipfile.ZipFile(out, "w") as z):
+            warnings.simplefilter("ignore")  # duplicate names are an attack we want
+            for name, data in members:
+                z.writestr(name, data)
+        archive = out.getvalue()
+        self.set_stream(PROGRAM, zstd_frame(archive), "zstd", len(archive))
+
+    def header_json(self) -> bytes:
+        """The header JSON: header_text if set, else the doc (NaN and surrogates as Python writes
+        them: NaN literals, \\ud800 escapes)."""
+        if self.header_text is not None:
+            return self.header_text
+        return _with_literals(self.doc)
+
+    def to_bytes(self) -> bytes:
+        """The file, with offsets, lengths and every CRC recomputed (except pinned fields)."""
+        at = PREAMBLE.size
+        for key, payload in self.payloads.items():
+            rec = self.record(key)
+            if rec is not None:
+                pins = self.pinned.get(key, set())
+                for name, value in (("offset", at), ("length", len(payload)),
+                                    ("crc32", zlib.crc32(payload))):
+                    if name not in pins:
+                        rec[name] = value
+            at += len(payload)
+        raw = self.header_json()
+        frame = self.header_frame
+        if frame is None:
+            frame = zstandard.ZstdCompressor(level=3, dict_data=dcz._HEADER_DICT,
+                                             write_dict_id=False).compress(raw)
+        head = MAGIC + struct.pack("<I", self.version)
+        body = b"".join(self.payloads.values()) + self.gap
+        h_off = PREAMBLE.size + len(body)
+        r = len(raw) if self.declared_raw is None else self.declared_raw
+        trailer = struct.pack("<QQQI", h_off, len(frame), r, zlib.crc32(frame))
+        return (head + struct.pack("<I", zlib.crc32(head)) + body + frame + trailer
+                + struct.pack("<I", zlib.crc32(trailer)))
+
+    def write(self, path: str | Path) -> Path:
+        """Write the file to path; returns path."""
+        path = Path(path)
+        path.write_bytes(self.to_bytes())
+        return path
+
+
+# --- the structured mutator --------------------------------------------------------------------
+
+@dataclass
+class Mutation:
+    """One forged file: what was done, which issue class it tests, and what a reader must do.
+
+    expect: "error" (DczError from every API call), "same" (a no-op: loads bit-exactly),
+    "any" (a valid but different file is possible: DczError or a clean load) or "program" (a
+    bad architecture: DczError from load(); the weights-only calls may load the weights).
+    """
+
+    name: str
+    kind: str
+    expect: str
+    forged: Forged
+
+    def data(self) -> bytes:
+        """The forged file's bytes."""
+        return self.forged.to_bytes()
+
+
+WRONG_KINDS: list[tuple[str, object]] = [
+    ("list", []), ("list1", [1]), ("dict", {}), ("null", None), ("true", True), ("false", False),
+    ("float", 1.5), ("float-int", 4.0), ("2^64", 1 << 64), ("2^63", 1 << 63), ("-1", -1),
+    ("huge", 10 ** 40), ("NaN", _Nan("NaN")), ("Infinity", _Nan("Infinity")),
+    ("-Infinity", _Nan("-Infinity")), ("surrogate", "\ud800"), ("empty", ""), ("zero", 0),
+    ("str", "float32"),
+]
+
+
+def _same(a: object, b: object) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _stored(doc: dict) -> list[int]:
+    return [i for i, e in enumerate(doc["tensors"]) if e.get("encoding") != "alias"]
+
+
+def header_mutations(base: Forged, rng: random.Random, per_field: int = 3
+                     ) -> Iterator[Mutation]:
+    """Wrong kinds for every field of every entry, stream record, the top object and program."""
+    doc = base.doc
+    for i, e in enumerate(doc["tensors"]):
+        for fname in e:
+            if fname == "streams":
+                continue
+            for label, value in rng.sample(WRONG_KINDS, per_field):
+                if _same(e[fname], value):
+                    continue
+                f = base.copy()
+                f.doc["tensors"][i][fname] = copy.deepcopy(value)
+                expect = "error"
+                if fname == "name" and label == "surrogate":
+                    expect = "any"  # a lone surrogate is a JSON string; the name is unique
+                if fname == "name" and label == "str" and e["name"] != "float32":
+                    expect = "any"
+                if fname == "shuffle" and isinstance(value, bool):
+                    expect = "any"
+                yield Mutation(f"entry[{e['name']}].{fname}={label}", "value-kind", expect, f)
+        for sname in e.get("streams", {}):
+            for rfield in ("offset", "length", "crc32", "coding", "count"):
+                for label, value in rng.sample(WRONG_KINDS, 2):
+                    f = base.copy()
+                    f.doc["tensors"][i]["streams"][sname][rfield] = copy.deepcopy(value)
+                    f.pinned[(i, sname)] = {rfield}
+                    yield Mutation(f"entry[{e['name']}].{sname}.{rfield}={label}", "value-kind",
+                                   "error", f)
+            f = base.copy()
+            f.doc["tensors"][i]["streams"][sname]["extra"] = 0
+            yield Mutation(f"entry[{e['name']}].{sname}+extra", "extra-key", "error", f)
+            label, value = rng.choice(WRONG_KINDS)
+            f = base.copy()
+            f.doc["tensors"][i]["streams"][sname] = copy.deepcopy(value)
+            yield Mutation(f"entry[{e['name']}].{sname}={label}", "value-kind", "error", f)
+        f = base.copy()
+        f.doc["tensors"][i]["pickle"] = "cos\nsystem\n"
+        yield Mutation(f"entry[{e['name']}]+extra", "extra-key", "error", f)
+    for top in ("tensors", "metadata"):
+        for label, value in rng.sample(WRONG_KINDS, 3):
+            f = base.copy()
+            f.doc[top] = copy.deepcopy(value)
+            expect = "same" if top == "metadata" and value == {} else "error"
+            yield Mutation(f"{top}={label}", "value-kind", expect, f)
+    f = base.copy()
+    f.doc["extra"] = 1
+    yield Mutation("top+extra", "extra-key", "error", f)
+    f = base.copy()
+    f.doc["metadata"]["extra"] = {"nested": [1, 2, None]}
+    yield Mutation("metadata+extra", "metadata", "same", f)
+    for lit in ("NaN", "Infinity", "-Infinity"):
+        f = base.copy()
+        f.doc["metadata"]["acc"] = _Nan(lit)
+        yield Mutation(f"metadata.acc={lit}", "value-kind", "error", f)
+    f = base.copy()
+    f.doc["metadata"]["who"] = "\ud83d"
+    yield Mutation("metadata.who=surrogate", "metadata", "same", f)
+    if "program" in doc:
+        for label, value in [("null", None), ("list", []), ("true", True), ("-1", -1)]:
+            f = base.copy()
+            f.doc["program"] = value
+            f.payloads.pop(PROGRAM)
+            yield Mutation(f"program={label}", "value-kind", "error", f)
+    else:
+        f = base.copy()
+        f.doc["program"] = None
+        yield Mutation("program=null", "value-kind", "error", f)
+    f = base.copy()
+    text = base.header_json().decode()
+    f.header_text = ('{"tensors":[],' + text[1:]).encode()
+    yield Mutation("duplicate key tensors", "header", "error", f)
+    f = base.copy()
+    f.header_text = json.dumps(base.doc, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass")
+    f.header_text = f.header_text.replace(b'"metadata":{', b'"metadata":{"s":"\xed\xa0\x80",', 1)
+    yield Mutation("header not UTF-8 (CESU surrogate)", "header", "error", f)
+    f = base.copy()
+    f.header_text = b"[" * 100_000 + b"]" * 100_000
+    yield Mutation("header deep nesting", "header", "error", f)
+    f = base.copy()
+    f.header_text = base.header_json() + b" \x00"
+    yield Mutation("header trailing NUL", "header", "error", f)
+    f = base.copy()
+    f.header_frame = lying_zstd_frame(base.header_json(), len(base.header_json()) + 7)
+    yield Mutation("header zstd frame lies about its size", "zstd", "error", f)
+    f = base.copy()
+    f.header_frame = (skippable_frame(b"x" * 8) + zstandard.ZstdCompressor(
+        dict_data=dcz._HEADER_DICT, write_dict_id=False).compress(base.header_json()))
+    yield Mutation("header after a skippable frame", "zstd", "error", f)
+    f = base.copy()
+    f.version = 0
+    yield Mutation("version 0", "preamble", "error", f)
+    f = base.copy()
+    f.gap = b"\x00" * 3
+    yield Mutation("hole before header", "tiling", "error", f)
+
+
+def stream_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
+    """Payload attacks on every stream, checksums recomputed (on the program stream, only
+    load() must refuse a bad payload: the weights-only calls never decode it)."""
+    for m in _stream_mutations(base, rng):
+        if m.expect == "error" and m.name.startswith("program.") and "count=" not in m.name:
+            m.expect = "program"
+        yield m
+
+
+def _stream_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
+    for key in base.keys():
+        rec = base.record(key)
+        payload = base.payloads[key]
+        label = f"{'program' if key == PROGRAM else base.doc['tensors'][key[0]]['name']}.{key[1]}"
+        count = rec["count"]
+        if payload:
+            f = base.copy()
+            f.set_stream(key, rng.randbytes(len(payload)))
+            yield Mutation(f"{label} random bytes", "stream", "any", f)
+            f = base.copy()
+            f.set_stream(key, payload[:-1])
+            yield Mutation(f"{label} truncated by 1", "stream", "error", f)
+            f = base.copy()
+            f.set_stream(key, payload[: len(payload) // 2])
+            yield Mutation(f"{label} truncated to half", "stream", "any" if len(payload) < 2
+                           else "error", f)
+        f = base.copy()
+        f.set_stream(key, payload + b"\x00")
+        yield Mutation(f"{label} one byte appended", "stream", "error", f)
+        for big in (1 << 34, 1 << 40, (1 << 63) - 1):
+            f = base.copy()
+            f.record(key)["count"] = big
+            yield Mutation(f"{label} count={big}", "allocation", "error", f)
+        if count:
+            symbols = base.symbols(key)
+            f = base.copy()
+            f.set_stream(key, lying_zstd_frame(symbols, count + 1), "zstd")
+            yield Mutation(f"{label} zstd declares count+1", "zstd", "error", f)
+            f = base.copy()
+            f.set_stream(key, lying_zstd_frame(symbols, 1 << 34), "zstd", 1 << 34)
+            yield Mutation(f"{label} zstd declares 2^34", "allocation", "error", f)
+            f = base.copy()
+            f.set_stream(key, skippable_frame(b"\x00" * 4) + zstd_frame(symbols), "zstd")
+            yield Mutation(f"{label} skippable frame first", "zstd", "error", f)
+            f = base.copy()
+            f.set_stream(key, zstd_frame(symbols) + skippable_frame(b""), "zstd")
+            yield Mutation(f"{label} skippable frame after", "zstd", "error", f)
+            f = base.copy()
+            f.set_stream(key, zstd_frame(symbols) + zstd_frame(b"\x01"), "zstd")
+            yield Mutation(f"{label} second zstd frame", "zstd", "error", f)
+            f = base.copy()
+            f.set_stream(key, zstd_frame(symbols, content_size=False), "zstd")
+            yield Mutation(f"{label} zstd without content size", "zstd", "error", f)
+            f = base.copy()
+            f.set_stream(key, zstd_frame(symbols), "zstd")
+            yield Mutation(f"{label} re-coded as zstd", "stream", "same", f)
+            f = base.copy()
+            f.set_stream(key, symbols, "raw")
+            yield Mutation(f"{label} re-coded as raw", "stream", "same", f)
+            yield from _huffman_mutations(base, key, label, np.frombuffer(symbols, np.uint8), rng)
+
+
+def _huffman_mutations(base: Forged, key: Key, label: str, symbols: np.ndarray,
+                       rng: random.Random) -> Iterator[Mutation]:
+    count = symbols.size
+    top = int(symbols.max())
+    alphabet = 1 << max(1, math.ceil(math.log2(top + 1)))
+    if alphabet > 256:
+        return
+    lengths = flat_lengths(alphabet)  # complete, and its last length is nonzero
+    f = base.copy()
+    f.set_stream(key, huffman_payload(symbols, lengths), "huffman")
+    yield Mutation(f"{label} re-coded as flat huffman", "huffman", "same", f)
+    f = base.copy()
+    f.set_stream(key, huffman_payload(symbols, lengths, pad_bit=1), "huffman")
+    bits = int(lengths[0]) * count
+    yield Mutation(f"{label} huffman padding ones", "huffman",
+                   "same" if bits % 8 == 0 else "error", f)
+    f = base.copy()
+    f.set_stream(key, huffman_payload(symbols, lengths) + b"\x00", "huffman")
+    yield Mutation(f"{label} huffman extra byte", "huffman", "error", f)
+    f = base.copy()
+    f.set_stream(key, bytes([1, 1, 1]) + b"\x00" * 4, "huffman", 1 << 34)
+    yield Mutation(f"{label} huffman 2^34 symbols in 4 bytes", "allocation", "error", f)
+    if top == 0:
+        return
+    for name, table in [("one symbol", [0] * top + [1]),
+                        ("incomplete", [1] + [0] * (top - 1) + [2]),
+                        ("over-complete", [1] * (top + 1) if top >= 2 else [1, 1, 1]),
+                        ("length 32", [1] + [0] * (top - 1) + [32]),
+                        ("trailing zero", [1] * 2 + [0] * max(0, top - 1))]:
+        f = base.copy()
+        f.set_stream(key, bytes([len(table) - 1]) + bytes(t & 0xFF for t in table)
+                     + rng.randbytes(max(1, count // 8)), "huffman")
+        yield Mutation(f"{label} huffman table {name}", "huffman", "error", f)
+
+
+def layout_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
+    """Attacks on the position streams of sparse entries and on bool bytes."""
+    for i in _stored(base.doc):
+        e = base.doc["tensors"][i]
+        if e["encoding"] == "raw" and e["dtype"] == "bool" and base.record((i, "data"))["count"]:
+            data = bytearray(base.symbols((i, "data")))
+            data[rng.randrange(len(data))] = 2
+            f = base.copy()
+            f.set_stream((i, "data"), bytes(data), "raw", len(data))
+            yield Mutation(f"{e['name']} bool byte 2", "value-kind", "error", f)
+        if e["encoding"] != "shared" or e["layout"] == "dense":
+            continue
+        name = e["name"]
+        if e["layout"] == "capped":
+            m = (1 << e["gap_bits"]) - 1
+            f = _empty_sparse(base, i)
+            f.set_stream((i, "gaps"), bytes([m]), "const", 5)
+            yield Mutation(f"{name} capped fillers only, nonzero 0", "capped", "error", f)
+            gaps = bytearray(base.symbols((i, "gaps")))
+            f = base.copy()
+            f.set_stream((i, "gaps"), bytes(gaps) + bytes([m]), "raw", len(gaps) + 1)
+            yield Mutation(f"{name} capped ends with a filler", "capped", "error", f)
+            f = base.copy()
+            gaps[0] = min(255, m + 1)
+            f.set_stream((i, "gaps"), bytes(gaps), "raw", len(gaps))
+            yield Mutation(f"{name} capped symbol above cap", "capped", "error", f)
+            f = base.copy()
+            numel = math.prod(e["shape"])
+            f.set_stream((i, "gaps"), bytes([m]), "const", numel)
+            yield Mutation(f"{name} capped all fillers", "capped", "error", f)
+        else:
+            gaps = np.frombuffer(base.symbols((i, "gaps")), np.uint8).copy()
+            numel = math.prod(e["shape"])
+            for label, extra in [("2^31", 1 << 31), ("2^32-256", (1 << 32) - 256),
+                                 ("2^63-1", (1 << 63) - 1), ("numel", numel),
+                                 ("2^64 (10 bytes)", 1 << 64)]:
+                f = base.copy()
+                g = gaps.copy()
+                g[0] = 255
+                old = np.count_nonzero(gaps == 255)
+                vs = varints([extra] + [0] * (old - (1 if gaps[0] == 255 else 0)))
+                f.set_stream((i, "gaps"), g.tobytes(), "raw", g.size)
+                f.set_stream((i, "long_gaps"), vs, "raw", len(vs))
+                yield Mutation(f"{name} escape long gap {label}", "wraparound", "error", f)
+            f = base.copy()
+            lg = base.symbols((i, "long_gaps"))
+            f.set_stream((i, "long_gaps"), lg + b"\x00", "raw", len(lg) + 1)
+            yield Mutation(f"{name} escape extra varint", "escape", "error", f)
+            f = base.copy()
+            f.set_stream((i, "long_gaps"), lg + b"\x80", "raw", len(lg) + 1)
+            yield Mutation(f"{name} escape unterminated varint", "escape", "error", f)
+            f = _empty_sparse(base, i)
+            f.set_stream((i, "gaps"), b"", "raw", 0)
+            f.set_stream((i, "long_gaps"), b"\x05", "raw", 1)
+            yield Mutation(f"{name} escape varint without escape", "escape", "error", f)
+
+
+def _empty_sparse(base: Forged, i: int) -> Forged:
+    """A copy where entry i claims nonzero 0 and clusters 0, with empty codebook and index."""
+    f = base.copy()
+    f.doc["tensors"][i].update(nonzero=0, clusters=0)
+    f.set_stream((i, "codebook"), b"", "raw", 0)
+    f.set_stream((i, "index"), b"", "raw", 0)
+    return f
+
+
+def program_mutations(base: Forged, rng: random.Random, sentinel: str) -> Iterator[Mutation]:
+    """Attacks on the members of the program archive (pickles that would touch `sentinel`)."""
+    if PROGRAM not in base.payloads:
+        return
+    members = base.program_members()
+    top = members[0][0].split("/", 1)[0]
+    bomb = pickle_that_touches(sentinel)
+
+    def edit(name: str, fn: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]],
+             expect: str = "program") -> Mutation:
+        f = base.copy()
+        f.set_program_members(fn([(n, d) for n, d in members]))
+        return Mutation(f"program {name}", "program", expect, f)
+
+    def replace(suffix: str, data: bytes) -> Callable:
+        return lambda ms: [(n, data if n.endswith(suffix) else d) for n, d in ms]
+
+    yield edit("re-zipped unchanged", lambda ms: ms, "same")
+    yield edit("pickled sample inputs", replace("sample_inputs/model.pt", bomb))
+    yield edit("extra pickle member", lambda ms: ms + [(f"{top}/data/x.pkl", bomb)])
+    yield edit("member outside archive", lambda ms: ms + [("../evil.json", b"{}")])
+    yield edit("second top folder", lambda ms: ms + [("other/data/sample_inputs/m.pt", bomb)])
+    yield edit("no members", lambda ms: [])
+    yield edit("duplicate sample inputs member",
+               lambda ms: ms + [(f"{top}/data/sample_inputs/model.pt", bomb)])
+
+    def use_pickle(value: object) -> Callable:
+        def fn(ms: list) -> list:
+            out = []
+            for n, d in ms:
+                if n.endswith("model_weights_config.json"):
+                    cfg = json.loads(d)
+                    for v in cfg["config"].values():
+                        v["use_pickle"] = value
+                    d = json.dumps(cfg).encode()
+                elif "/data/weights/weight_" in n:
+                    d = bomb
+                out.append((n, d))
+            return out
+        return fn
+
+    yield edit("use_pickle true", use_pickle(True))
+    yield edit("use_pickle 1", use_pickle(1))
+    yield edit("use_pickle missing", use_pickle(None))
+    yield edit("use_pickle string", use_pickle("false"))
+    yield edit("weights config a list", replace("model_weights_config.json", b'{"config": []}'))
+    yield edit("weights config NaN", replace("model_weights_config.json", b'{"config": NaN}'))
+    yield edit("weights config deep", replace("model_weights_config.json",
+                                              b"[" * 50_000 + b"]" * 50_000))
+    yield edit("model.json garbage", replace("models/model.json", rng.randbytes(64)))
+    yield edit("model.json empty object", replace("models/model.json", b"{}"))
+    yield edit("archive_format wrong", replace("archive_format", b"pickle"))
+    yield edit("byteorder wrong", replace("byteorder", b"big-endian"))
+    f = base.copy()
+    f.set_stream(PROGRAM, rng.randbytes(200), "raw", 200)
+    yield Mutation("program random bytes", "program", "program", f)
+    f = base.copy()
+    f.set_stream(PROGRAM, b"\x00", "const", 1 << 30)
+    yield Mutation("program const 2^30 bytes", "allocation", "program", f)
+    f = base.copy()
+    f.set_stream(PROGRAM, lying_zstd_frame(b"PK", 1 << 30), "zstd", 1 << 30)
+    yield Mutation("program zstd declares 2^30", "allocation", "program", f)
+
+
+def mutations(base: Forged, seed: int = 0, sentinel: str = "/tmp/dcz-pickle-ran",
+              limit: int | None = None) -> list[Mutation]:
+    """Every structured mutation of base (a sample of `limit` of them), deterministic in seed."""
+    rng = random.Random(seed)
+    out = [*header_mutations(base, rng), *stream_mutations(base, rng),
+           *layout_mutations(base, rng), *program_mutations(base, rng, sentinel)]
+    if limit is not None and len(out) > limit:
+        keep = sorted(rng.sample(range(len(out)), limit))
+        out = [out[i] for i in keep]
+    return out
+
+
+def random_mutation(base: Forged, rng: random.Random, sentinel: str = "/tmp/dcz-pickle-ran"
+                    ) -> Mutation:
+    """One random structured mutation (for the fuzzer): a random generator, a random pick."""
+    gens = [lambda: header_mutations(base, rng, 1), lambda: stream_mutations(base, rng),
+            lambda: layout_mutations(base, rng), lambda: program_mutations(base, rng, sentinel)]
+    while True:
+        found = list(rng.choice(gens)())
+        if found:
+            return rng.choice(found)
+
+
+# --- base files and the three API calls --------------------------------------------------------
+
+def _shared(shape: tuple[int, ...], density: float, k: int, dtype: object, seed: int) -> object:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.linspace(-1, 1, k + 1, dtype=torch.float64)
+    codebook = codebook[codebook != 0][:k].to(dtype)
+    idx = torch.randint(0, k, shape, generator=g)
+    keep = torch.rand(shape, generator=g) < density
+    return torch.where(keep, codebook[idx], torch.zeros((), dtype=dtype))
+
+
+def _tiny_mlp_class() -> type:
+    import torch
+
+    class TinyMLP(torch.nn.Module):
+        """4 -> 8 -> 3, ReLU."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(4, 8)
+            self.fc2 = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """The logits."""
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    return TinyMLP
+
+
+def build_bases(folder: str | Path) -> dict[str, Path]:
+    """Small real files to forge from: every layout, raw dtypes, aliases, and a program."""
+    import torch
+
+    import deepcompress
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    escape = torch.zeros(200_000, dtype=torch.bfloat16)
+    escape[[3, 10, 50_000, 50_001, 199_999]] = torch.tensor([0.5, -1.0, 0.5, 2.0, -1.0],
+                                                             dtype=torch.bfloat16)
+    dense = _shared((24, 24), 0.9, 12, torch.float32, 1)
+    tensors = {
+        "dense": dense,
+        "dense_tied": dense,
+        "capped": _shared((64, 48), 0.15, 8, torch.float16, 2),
+        "escape": escape,
+        "dense64": _shared((9, 7), 0.7, 5, torch.float64, 3),
+    }
+    raw = {
+        "f32": torch.randn(20, generator=g),
+        "i64": torch.arange(-3, 4, dtype=torch.int64),
+        "flag": torch.rand(17, generator=g) < 0.5,
+        "e4m3": torch.randn(12, generator=g).to(torch.float8_e4m3fn),
+        "e5m2": torch.randn(6, generator=g).to(torch.float8_e5m2),
+        "u8": torch.arange(9, dtype=torch.uint8),
+        "c64": torch.randn(3, generator=g, dtype=torch.complex64),
+        "scalar": torch.tensor(7, dtype=torch.int32),
+        "empty": torch.zeros(0, 3),
+    }
+    out = {"shared": folder / "shared.dcz", "raw": folder / "raw.dcz",
+           "program": folder / "program.dcz"}
+    deepcompress.save(tensors, out["shared"], metadata={"note": "forge base"})
+    deepcompress.save(raw, out["raw"])
+    torch.manual_seed(0)
+    model = _tiny_mlp_class()()
+    with torch.no_grad():
+        model.fc1.weight[model.fc1.weight.abs() < 0.3] = 0
+    example = torch.randn(2, 4)
+    deepcompress.save(model, out["program"],
+                      program=deepcompress.export_program(model, example))
+    return out
+
+
+def digest(state: dict) -> str:
+    """A hash of names, dtypes, shapes and bytes of tensors (bit-exact comparison)."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode("utf-8", "backslashreplace"))
+        if t.numel():
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+API_CALLS = ("load_state_dict", "load", "open_lazy")
+
+
+def call_api(api: str, path: str | Path) -> str:
+    """Run one API call on a file: 'ok:<digest>', 'weights-only', 'DczError' or 'Type: msg'."""
+    import deepcompress
+    try:
+        if api == "load_state_dict":
+            return "ok:" + digest(deepcompress.load_state_dict(path))
+        if api == "load":
+            return "ok:" + digest(deepcompress.load(path).state_dict())
+        f = deepcompress.open_lazy(path)
+        try:
+            return "ok:" + digest({n: f[n] for n in f})
+        finally:
+            f.close()
+    except deepcompress.DczError:
+        return "DczError"
+    except deepcompress.CompressError as exc:
+        if api == "load" and "holds weights only" in str(exc):
+            return "weights-only"
+        return f"CompressError: {' '.join(str(exc).split())[:300]}"
+    except Exception as exc:  # anything else is a finding
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def check_file(path: str | Path) -> dict[str, str]:
+    """The outcome of each API call on a file."""
+    return {api: call_api(api, path) for api in API_CALLS}
+
+
+def verdict(expect: str, got: dict[str, str], reference: dict[str, str] | None) -> list[str]:
+    """Problems with the outcomes of a case: empty when the reader behaved."""
+    bad = []
+    for api, res in got.items():
+        ok = res.startswith("ok:") or res == "weights-only"
+        if expect == "program":  # only load() runs the program; the weights are untouched
+            if api == "load" and res != "DczError":
+                bad.append(f"{api}: {'loaded without error' if ok else res}")
+            elif api != "load" and res != "DczError" and (
+                    not ok or reference is not None and res != reference[api]):
+                bad.append(f"{api}: {res}")
+        elif expect == "error":
+            if res != "DczError":
+                bad.append(f"{api}: {'loaded without error' if ok else res}")
+        elif expect == "same":
+            if not ok:
+                bad.append(f"{api}: a no-op was refused: {res}")
+            elif reference is not None and res != reference[api]:
+                bad.append(f"{api}: loaded but differs from the original")
+        elif not ok and res != "DczError":
+            bad.append(f"{api}: {res}")
+    return bad
