@@ -51,7 +51,9 @@ _MEMBERS = frozenset(  # union members admitted: no graphs, operators, custom ob
     "user_output buffer_mutation user_input_mutation".split())
 _EMPTY = frozenset({"GraphModule.metadata", "GraphModule.treespec_namedtuple_fields",
                     "Graph.custom_obj_values", "ExportedProgram.guards_code"})
-NODE_METADATA = frozenset({"nn_module_stack", "torch_fn"})
+NODE_METADATA = frozenset({"nn_module_stack", "torch_fn"})  # what pack() keeps
+# what a reader admits (and then drops): files written before pack() cut stack traces hold them
+_READ_METADATA = NODE_METADATA | {"stack_trace"}
 _SPEC_TYPES = frozenset({"builtins.tuple", "builtins.list", "builtins.dict",
                          "collections.OrderedDict"})
 
@@ -120,11 +122,12 @@ _FQNS = ("InputToParameterSpec.parameter_name InputToBufferSpec.buffer_name "
          "UserInputMutationSpec.user_input_name PayloadConfig.config.key").split()
 _RULES: dict[str, typing.Callable[[str], bool]] = {
     **dict.fromkeys(_VALUE_NAMES, _value_name), **dict.fromkeys(_FQNS, _FQN.fullmatch),
-    **dict.fromkeys(("Argument.as_string", "Argument.as_strings", "ConstantValue.as_string",
-                     "Node.metadata"), _text),
+    **dict.fromkeys(("Argument.as_string", "Argument.as_strings", "ConstantValue.as_string"),
+                    _text),
+    "Node.metadata": lambda s: all(map(_text, s.split("\n"))),
     "NamedArgument.name": _IDENT.fullmatch, "ModuleCallSignature.forward_arg_names": _value_name,
     "ModuleCallEntry.fqn": lambda s: s == "" or bool(_FQN.fullmatch(s)),
-    "Node.target": _op, "SymExpr.expr_str": _expr, "Node.metadata.key": NODE_METADATA.__contains__,
+    "Node.target": _op, "SymExpr.expr_str": _expr, "Node.metadata.key": _READ_METADATA.__contains__,
     "ModuleCallSignature.in_spec": _treespec, "ModuleCallSignature.out_spec": _treespec,
     "ExportedProgram.opset_version.key": _IDENT.fullmatch,
     "ExportedProgram.range_constraints.key": _SYMBOL.fullmatch,

@@ -5,6 +5,7 @@ import json
 import pickle
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import sympy
@@ -288,3 +289,15 @@ def test_garbage_and_truncation_are_refused(packed):
     with pytest.raises(DczError, match="NaN"):
         program.load_module(edit_json(data, "models/model.json", lambda d: graph(d)["nodes"][
             0]["inputs"].append({"name": "x", "arg": {"as_float": float("nan")}, "kind": 2})))
+
+
+def test_a_program_written_by_deepcompress_0_1_still_loads():
+    """tests/data/v0.1-mlp-program.dcz: Sequential(Linear(4, 3), ReLU, Linear(3, 2)), seed 0,
+    saved by the 0.1.0 writer (its archive keeps stack traces in node metadata)."""
+    import deepcompress
+
+    path = Path(__file__).parent / "data" / "v0.1-mlp-program.dcz"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = torch.linspace(-1, 1, 20).reshape(5, 4)
+    assert torch.equal(deepcompress.load(path)(x), model.eval()(x))
