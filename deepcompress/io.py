@@ -87,7 +87,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     """
     if model is not None:
         return load_into(path, model, load_state_dict(path, max_bytes=max_bytes))
-    with DczFile(path, max_bytes=max_bytes) as f:
+    with DczFile(path, max_bytes=max_bytes, check_program=False) as f:  # load_module checks it
         archive = f.program()
         if archive is None:
             f.load()  # a damaged file is reported as such first
@@ -98,7 +98,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         _program.check_fits(module, f.entries, f.path)
         state = f.load()
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=True)  # its own weights are meta
     except (RuntimeError, ValueError, TypeError) as exc:
         raise DczError(f"{path}: program: its weights do not fit the tensors "
                        f"({' '.join(str(exc).split())[:200]})") from None

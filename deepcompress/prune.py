@@ -1,4 +1,4 @@
-"""Stage 1: magnitude pruning with masks held by torch.nn.utils.parametrize, and prune/retrain schedules.
+"""Stage 1: magnitude pruning with masks held as parametrizations, and prune/retrain schedules.
 
 A pruned layer's weight becomes ``original * mask``: the mask is a buffer of the `Mask`
 parametrization, so it follows deepcopy, pickling, state_dict and ``.to()``, and the effective
@@ -14,10 +14,9 @@ from fnmatch import fnmatch
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from deepcompress.bake import isolate_class
 from deepcompress.errors import CompressError
+from deepcompress.parametrize import attach, chain, find, original
 from deepcompress.tasks import Task
 from deepcompress.train import TrainConfig, fit
 
@@ -190,13 +189,6 @@ def compute_masks(model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
     return {name: masks[name] for name in weights}
 
 
-def find_mask(module: nn.Module) -> Mask | None:
-    """The Mask parametrization on module.weight, if any."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
-
-
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Install (or update) the Mask parametrization of each named module's weight.
 
@@ -215,28 +207,28 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
         mask = mask.detach().to(device=weight.device, dtype=weight.dtype).clone()
         if distributed:
             dist.broadcast(mask, src=0)
-        existing = find_mask(module)
+        existing = find(module, "weight", Mask)
         if existing is None:
-            isolate_class(module)
-            parametrize.register_parametrization(module, "weight", Mask(mask))
-            existing = find_mask(module)
+            existing = Mask(mask)
+            attach(module, "weight", existing)
         else:
             existing.mask.copy_(mask)
-        if module.parametrizations.weight[0] is existing:
+        if chain(module, "weight")[0] is existing:
             with torch.no_grad():
-                module.parametrizations.weight.original.mul_(existing.mask)
+                original(module, "weight").mul_(existing.mask)
 
 
 def prune(model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
     """Compute masks for model under config, install them, and return them by layer name."""
     masks = compute_masks(model, config)
     apply_masks(model, masks)
-    return {name: find_mask(m).mask for name, m in model.named_modules() if name in masks}
+    return {name: find(m, "weight", Mask).mask for name, m in model.named_modules() if name in masks}
 
 
 def masks_of(model: nn.Module) -> dict[str, Tensor]:
     """Every installed Mask buffer, by module name."""
-    return {name: mask.mask for name, m in model.named_modules() if (mask := find_mask(m)) is not None}
+    return {name: mask.mask for name, m in model.named_modules()
+            if (mask := find(m, "weight", Mask)) is not None}
 
 
 def layer_stats(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES + (nn.Embedding,)) -> list[LayerStats]:

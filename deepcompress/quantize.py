@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from deepcompress.bake import bake
 from deepcompress.errors import CompressError
 from deepcompress.kmeans import INITS, cluster_weight
+from deepcompress.parametrize import attach, bake, chain, find, original, remove
 
 __all__ = [
     "ShareConfig",
@@ -143,12 +142,6 @@ def _layers(model: nn.Module, config: ShareConfig, rules: list[tuple[str, int]])
     return layers
 
 
-def _shared(module: nn.Module) -> SharedWeight | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, SharedWeight)), None)
-
-
 def weight_error(reference: Tensor, approx: Tensor) -> tuple[float, float]:
     """(relative L2 error, SQNR in dB) of approx against reference; (0, inf) when equal."""
     ref = reference.detach().double()
@@ -169,7 +162,7 @@ def share_weights(model: nn.Module, config: ShareConfig | None = None) -> list[L
     for name, module in _layers(model, config, rules).items():
         bits = bits_for(name, module, rules)
         k = 1 << bits
-        existing = _shared(module)
+        existing = find(module, "weight", SharedWeight)
         if existing is not None:
             if existing.n_clusters > k:
                 raise CompressError(
@@ -179,11 +172,11 @@ def share_weights(model: nn.Module, config: ShareConfig | None = None) -> list[L
             w = module.weight.detach()
             reports.append(_report(name, module, bits, w, w, existing.n_clusters, False))
             continue
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if chain(module, "weight"):
+            remove(module, "weight")
         before = module.weight.detach().clone()
         codebook, index = cluster_weight(before, k, config.init, config.iters, config.seed)
-        parametrize.register_parametrization(module, "weight", SharedWeight(index, codebook.numel()), unsafe=True)
+        attach(module, "weight", SharedWeight(index, codebook.numel()), unsafe=True)
         after = module.weight.detach()
         rel, _ = weight_error(before, after)
         reports.append(_report(name, module, bits, before, after, codebook.numel(), rel > 0))
@@ -200,11 +193,10 @@ def share_biases(model: nn.Module, bits: int, init: str = "linear", seed: int = 
         bias = getattr(module, "bias", None)
         if not _kind(module) or not isinstance(bias, Tensor) or bias.numel() <= 1 << bits:
             continue
-        if parametrize.is_parametrized(module, "bias"):
-            parametrize.remove_parametrizations(module, "bias", leave_parametrized=True)
+        if chain(module, "bias"):
+            remove(module, "bias")
         codebook, index = cluster_weight(bias.detach(), 1 << bits, init, 30, seed)
-        parametrize.register_parametrization(module, "bias", SharedWeight(index, codebook.numel()),
-                                             unsafe=True)
+        attach(module, "bias", SharedWeight(index, codebook.numel()), unsafe=True)
         count += 1
     return count
 
@@ -219,9 +211,9 @@ def codebooks(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """(codebook parameter, int32 index buffer) of every shared layer, by module name."""
     out = {}
     for name, module in model.named_modules():
-        p = _shared(module)
+        p = find(module, "weight", SharedWeight)
         if p is not None:
-            out[name] = (module.parametrizations.weight.original, p.index)
+            out[name] = (original(module, "weight"), p.index)
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 import zstandard
 
 from . import codec, streams
+from . import program as _program
 from .errors import DczError
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
@@ -33,7 +34,7 @@ MAX_HEADER_BYTES = 1 << 26
 MAX_HEADER_ITEMS = 1 << 22  # JSON values in the header: bounds the memory of the parsed header
 MAX_ELEMENTS = 1 << 34  # per tensor; a reader may lower or raise it (up to 2^62)
 MAX_DIMS = 32
-MAX_PROGRAM_BYTES = 1 << 26
+MAX_PROGRAM_BYTES = _program.MAX_ARCHIVE_BYTES
 # zstd raw-content dictionary for the header (SPEC.md, appendix A): a typical header, so that
 # the keys of a small model's header cost almost nothing
 HEADER_DICTIONARY = (Path(__file__).parent / "header.dict").read_bytes()
@@ -238,6 +239,8 @@ def parse_header(raw: bytes | bytearray) -> dict:
         _check_stream(doc["program"], "header: program")
         if doc["program"]["count"] > MAX_PROGRAM_BYTES:
             raise DczError(f"header: program larger than {MAX_PROGRAM_BYTES} bytes")
+        if doc["program"]["coding"] not in ("raw", "zstd"):
+            raise DczError("header: the program stream must be coded raw or zstd")
     return doc
 
 
@@ -321,8 +324,9 @@ class DczFile(Mapping):
     """An open .dcz: validated header up front; each tensor decoded when first asked for."""
 
     def __init__(self, path: str | os.PathLike, max_elements: int = MAX_ELEMENTS,
-                 max_bytes: int | None = None):
-        """Open and validate the file's preamble, trailer and header (no tensor is decoded).
+                 max_bytes: int | None = None, check_program: bool = True):
+        """Open and validate the file's preamble, trailer and header, and the architecture
+        archive unless `check_program` is false (no tensor is decoded).
 
         `max_elements` caps each tensor (at most 2^62); `max_bytes` is the memory budget for
         decoding (default: the memory available now), checked before anything is allocated.
@@ -332,6 +336,11 @@ class DczFile(Mapping):
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self._parse(min(max_elements, 1 << 62))
+            if check_program and self.program_record is not None:
+                try:
+                    _program.check(self.program(), self.entries)
+                except DczError as exc:
+                    raise DczError(f"{self.path}: {exc}") from None
         except MemoryError:
             self.close()
             raise DczError(f"{self.path}: header: not enough memory to parse it") from None
@@ -407,6 +416,7 @@ class DczFile(Mapping):
         s = self.program_record
         if s is None:
             return None
+        self._budget(s["length"] + 2 * s["count"], "the program stream")  # the archive reader copies
         data = self._read(s["offset"], s["length"])
         if zlib.crc32(data) != s["crc32"]:
             raise DczError(f"{self.path}: program stream: checksum mismatch")
@@ -415,15 +425,10 @@ class DczFile(Mapping):
                 raise DczError(f"{self.path}: program: raw stream has {len(data)} bytes, "
                                f"expected {s['count']}")
             return data
-        if s["coding"] == "zstd":
+        try:
             return streams.zstd_decompress(data, s["count"], f"{self.path}: program")
-        return bytearray(streams.decode(s["coding"], s["count"], data, f"{self.path}: program"))
-
-    def check_program_checksum(self) -> None:
-        """Raise DczError unless the program stream (if any) matches its checksum."""
-        s = self.program_record
-        if s is not None and zlib.crc32(self._read(s["offset"], s["length"])) != s["crc32"]:
-            raise DczError(f"{self.path}: program stream: checksum mismatch")
+        except MemoryError:
+            raise DczError(f"{self.path}: program: not enough memory to decode it") from None
 
     def payload(self, name: str, stream: str) -> bytearray:
         """The checked bytes of one stream of one tensor."""
@@ -520,9 +525,8 @@ def read(path: str | os.PathLike, names: Iterable[str] | None = None,
          max_elements: int = MAX_ELEMENTS, max_bytes: int | None = None
          ) -> dict[str, torch.Tensor]:
     """Decode the named tensors (all by default) of a .dcz, bit-exact, ties restored; every
-    stream read is checked, the program's too."""
+    stream read is checked, and the architecture (if any) when the file is opened."""
     with DczFile(path, max_elements=max_elements, max_bytes=max_bytes) as f:
-        f.check_program_checksum()
         return f.load(names)
 
 

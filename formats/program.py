@@ -23,7 +23,8 @@ from .errors import DczError
 from .program_check import NODE_METADATA, check_config, check_program, loads
 
 MAX_MEMBERS = 10_000
-MAX_ARCHIVE_BYTES = 1 << 26  # as the .dcz's program stream
+MAX_ARCHIVE_BYTES = 1 << 30  # as the .dcz's program stream
+MAX_WEIGHT_ELEMENTS = 1 << 40  # weights are never allocated here (meta tensors)
 MAX_JSON_BYTES = 1 << 26
 MODEL = "models/model.json"
 WEIGHTS = "data/weights/model_weights_config.json"
@@ -37,9 +38,9 @@ _TOP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def pack(program: torch.export.ExportedProgram) -> bytes:
-    """The program's .pt2 archive as load_module() admits it: weight bytes zeroed (tensor
-    constants kept), no sample inputs, no guards code, node metadata cut to module stack and
-    torch function."""
+    """The program's .pt2 archive as load_module() admits it: weight records empty (the .dcz
+    holds the weights; tensor constants are kept), no sample inputs, no guards code, node
+    metadata cut to module stack and torch function."""
     buf = io.BytesIO()
     torch.export.save(program, buf)
     src = zipfile.ZipFile(buf)
@@ -58,7 +59,7 @@ def pack(program: torch.export.ExportedProgram) -> bytes:
             elif rel.startswith("data/sample_inputs/"):
                 data = b""
             elif rel.startswith("data/weights/weight_"):
-                data = bytes(len(data))  # the .dcz holds the weights; constants stay here
+                data = b""  # torch reads an empty record as zeros of the tensor's size
             dst.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)
     _members(zipfile.ZipFile(out), len(out.getvalue()))
     return out.getvalue()
@@ -100,7 +101,8 @@ def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
 def _tensors(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], config: str,
              prefix: str, keep: bool) -> dict[str, torch.Tensor]:
     """The tensors of a payload config as views of one record per path_name (aliases kept): the
-    record's little-endian bytes if `keep`, else zeros."""
+    record's little-endian bytes if `keep`, else meta tensors (nothing allocated; the .dcz
+    supplies the weights, and files before 0.2 hold zero-filled records that are not read)."""
     doc = loads(_read(archive, members[config], MAX_JSON_BYTES))
     check_config(doc, prefix)
     folder = config.rsplit("/", 1)[0]
@@ -117,12 +119,14 @@ def _tensors(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], conf
         offset = tm["storage_offset"]["as_int"]
         extent = offset + sum((n - 1) * s for n, s in zip(sizes, strides, strict=False)) + 1
         if (len(sizes) != len(strides) or min(sizes + strides + [offset], default=0) < 0
-                or nbytes % itemsize or math.prod(sizes) * itemsize > MAX_ARCHIVE_BYTES
-                or (0 not in sizes and extent * itemsize > nbytes)):
+                or nbytes % itemsize or math.prod(sizes) > MAX_WEIGHT_ELEMENTS
+                or (0 not in sizes and (keep or nbytes) and extent * itemsize > nbytes)):
             raise DczError(f"program: {fqn}: tensor_meta does not fit its {nbytes}-byte record")
         if path not in records:
-            records[path] = (torch.frombuffer(bytearray(archive.read(members[path])), dtype=dtype)
-                             if keep and nbytes else torch.zeros(nbytes // itemsize, dtype=dtype))
+            records[path] = (
+                torch.frombuffer(bytearray(archive.read(members[path])), dtype=dtype)
+                if keep and nbytes else torch.empty(max(nbytes // itemsize, extent), dtype=dtype,
+                                                    device="meta"))
         if records[path].dtype != dtype:
             raise DczError(f"program: {fqn}: record {path} shared across dtypes")
         view = records[path].as_strided(sizes, strides, offset)
@@ -132,36 +136,67 @@ def _tensors(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], conf
     return out
 
 
-def unpack(data: bytes) -> torch.export.ExportedProgram:
-    """The program stored by pack(), rebuilt from checked JSON only: nothing unpickled or exec'd."""
+def _checked(data: bytes | bytearray) -> tuple[dict, dict, dict]:
+    """(state_dict, constants, program JSON) of an archive that passes every rule of SPEC 2.3."""
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise DczError("program: archive too large")
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    members = _members(archive, len(data))
+    for rel, pattern in _FIXED.items():
+        if members[rel].file_size > 64 or not pattern.fullmatch(archive.read(members[rel])):
+            raise DczError(f"program: unexpected content in {rel} (sample inputs must be "
+                           "empty: torch would unpickle them)" if "sample" in rel else
+                           f"program: unexpected content in {rel}")
+    state_dict = _tensors(archive, members, WEIGHTS, "weight_", keep=False)
+    constants = _tensors(archive, members, CONSTANTS, "tensor_", keep=True)
+    doc = loads(_read(archive, members[MODEL], MAX_JSON_BYTES))
+    check_program(doc)
+    return state_dict, constants, doc
+
+
+def _as_dcz_error(exc: Exception) -> DczError:
+    if isinstance(exc, DczError):
+        return exc
+    if isinstance(exc, (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError)):
+        return DczError(f"program: not a valid zip archive ({exc})")
+    return DczError(f"program: torch cannot rebuild it ({type(exc).__name__})")
+
+
+def check(data: bytes | bytearray, entries: Mapping[str, Mapping]) -> None:
+    """Raise DczError unless the archive passes every rule of SPEC 2.3 and its weights are
+    exactly the file's tensors (`entries`: name -> header entry); nothing is built."""
     try:
-        if len(data) > MAX_ARCHIVE_BYTES:
-            raise DczError("program: archive too large")
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = _members(archive, len(data))
-        for rel, pattern in _FIXED.items():
-            if members[rel].file_size > 64 or not pattern.fullmatch(archive.read(members[rel])):
-                raise DczError(f"program: unexpected content in {rel} (sample inputs must be "
-                               "empty: torch would unpickle them)" if "sample" in rel else
-                               f"program: unexpected content in {rel}")
-        state_dict = _tensors(archive, members, WEIGHTS, "weight_", keep=False)
-        constants = _tensors(archive, members, CONSTANTS, "tensor_", keep=True)
-        doc = loads(_read(archive, members[MODEL], MAX_JSON_BYTES))
-        check_program(doc)
+        state_dict = _checked(data)[0]
+    except Exception as exc:  # zipfile and json raise many types on a malformed archive
+        raise _as_dcz_error(exc) from None
+    _fits(state_dict, entries)
+
+
+def _fits(state_dict: Mapping[str, torch.Tensor], entries: Mapping[str, Mapping]) -> None:
+    own = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state_dict.items()}
+    theirs = {k: (list(e["shape"]), e["dtype"]) for k, e in entries.items()}
+    wrong = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k] != theirs[k])
+    if wrong:
+        raise DczError(f"program: its weights do not fit the tensors ({wrong[0]}: "
+                       f"program {own.get(wrong[0])}, file {theirs.get(wrong[0])})")
+
+
+def unpack(data: bytes | bytearray) -> torch.export.ExportedProgram:
+    """The program stored by pack(), rebuilt from checked JSON only: nothing unpickled or exec'd.
+    Its weights are meta tensors: load the .dcz tensors with load_state_dict(assign=True)."""
+    try:
+        state_dict, constants, doc = _checked(data)
         for node in doc["graph_module"]["graph"]["nodes"]:
             node["metadata"] = {}  # checked, but torch need not read it
         program = _dict_to_dataclass(schema.ExportedProgram, doc)
         return ExportedProgramDeserializer().deserialize(program, state_dict, constants, None)
-    except DczError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise DczError(f"program: not a valid zip archive ({exc})") from None
     except Exception as exc:  # torch raises many types (and MemoryError) on a malformed program
-        raise DczError(f"program: torch cannot rebuild it ({type(exc).__name__})") from None
+        raise _as_dcz_error(exc) from None
 
 
 def load_module(data: bytes) -> torch.nn.Module:
-    """The runnable module of a program archive (zero weights: load the .dcz tensors into it)."""
+    """The runnable module of a program archive, its weights on the meta device: load the .dcz
+    tensors into it with load_state_dict(state, assign=True)."""
     program = unpack(data)
     try:
         return program.module()
@@ -172,10 +207,7 @@ def load_module(data: bytes) -> torch.nn.Module:
 def check_fits(module: torch.nn.Module, entries: Mapping[str, Mapping], path: object) -> None:
     """Raise DczError unless the module's state_dict has exactly the file's tensor names, with
     their shapes and dtypes (checked before any tensor is decoded)."""
-    own = {k: (list(v.shape), str(v.dtype).removeprefix("torch."))
-           for k, v in module.state_dict().items()}
-    theirs = {k: (list(e["shape"]), e["dtype"]) for k, e in entries.items()}
-    wrong = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k] != theirs[k])
-    if wrong:
-        raise DczError(f"{path}: program: its weights do not fit the tensors ({wrong[0]}: "
-                       f"program {own.get(wrong[0])}, file {theirs.get(wrong[0])})")
+    try:
+        _fits(module.state_dict(), entries)
+    except DczError as exc:
+        raise DczError(f"{path}: {exc}") from None

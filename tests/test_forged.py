@@ -291,7 +291,7 @@ def test_a_huge_program_count(tmp_path, coding):
     f = Forged.read(BASES["program"])
     payload = b"\x00" if coding == "const" else forge.lying_zstd_frame(b"PK\x03\x04", 1 << 30)
     f.set_stream(PROGRAM, payload, coding, 1 << 30)
-    assert not check(forged_path(tmp_path, f.to_bytes()), "program", "program")
+    assert not check(forged_path(tmp_path, f.to_bytes()), "error", "program")
 
 
 def test_a_program_count_above_the_limit(tmp_path):
@@ -502,7 +502,7 @@ def test_d_nothing_pickled_by_any_api(tmp_path):
         f.set_program_members([(n, bomb if "sample_inputs" in n else d)
                                for n, d in f.program_members()])
     path = _edited(tmp_path, "program", edit)
-    assert not check(path, "program", "program")
+    assert not check(path, "error", "program")
     assert not SENTINEL.exists()
 
 

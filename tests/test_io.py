@@ -73,3 +73,48 @@ def test_weights_only_file_asks_for_the_model(tmp_path):
     deepcompress.save(Net(), path)
     with pytest.raises(deepcompress.CompressError, match="model=Net"):
         deepcompress.load(path)
+
+
+def _compressed_mlp():
+    from deepcompress.models import digits_mlp
+    from deepcompress.prune import PruneConfig, prune
+    from deepcompress.quantize import ShareConfig, share_biases, share_weights
+
+    torch.manual_seed(0)
+    model = digits_mlp()
+    prune(model, PruneConfig(sparsity=0.8))
+    share_weights(model, ShareConfig(bits=4))
+    share_biases(model, 3)
+    return model
+
+
+def test_save_of_a_parametrized_module_writes_it_baked_and_leaves_it_alone(tmp_path):
+    import copy
+
+    from deepcompress.models import digits_mlp
+    from deepcompress.parametrize import bake
+
+    model = _compressed_mlp()
+    keys = list(model.state_dict())
+    x = torch.randn(4, 64)
+    expected = model(x)
+    deepcompress.save(model, tmp_path / "live.dcz")
+    deepcompress.save(bake(copy.deepcopy(model)), tmp_path / "baked.dcz")
+    assert (tmp_path / "live.dcz").read_bytes() == (tmp_path / "baked.dcz").read_bytes()
+    assert not any("parametrizations" in k for k in deepcompress.load_state_dict(tmp_path / "live.dcz"))
+    assert list(model.state_dict()) == keys and "fc1.parametrizations.weight.original" in keys
+    assert torch.equal(model(x), expected)
+    back = deepcompress.load(tmp_path / "live.dcz", digits_mlp())
+    assert torch.equal(back(x), expected)
+
+
+def test_save_refuses_a_state_dict_still_holding_parametrizations(tmp_path):
+    state = _compressed_mlp().state_dict()
+    first = next(k for k in state if ".parametrizations." in k)
+    for tensors in (state, ((k, v) for k, v in state.items())):
+        path = tmp_path / "unbaked.dcz"
+        with pytest.raises(deepcompress.CompressError) as err:
+            deepcompress.save(tensors, path)
+        msg = str(err.value)
+        assert repr(first) in msg and "bake" in msg and "module" in msg and "\n" not in msg
+        assert not path.exists()

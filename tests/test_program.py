@@ -125,7 +125,7 @@ def test_round_trip_runs_identically(make, shape, guarded):
     assert doc["guards_code"] == []
     assert all(set(n["metadata"]) <= {"nn_module_stack", "torch_fn"} for n in graph(doc)["nodes"])
     module = guarded(data)
-    module.load_state_dict(model.state_dict())
+    module.load_state_dict(model.state_dict(), assign=True)  # the module's own are meta
     for batch in (1, 7):
         x = torch.randn(batch, *shape)
         assert torch.equal(module(x), model(x))
@@ -137,7 +137,7 @@ def test_pack_drops_weights_and_sample_inputs(packed):
     archive = zipfile.ZipFile(io.BytesIO(packed[0]))
     for info in archive.infolist():
         if "/data/weights/weight_" in info.filename:
-            assert set(archive.read(info)) <= {0}
+            assert info.file_size == 0  # torch reads an empty record as zeros
         if "sample_inputs" in info.filename:
             assert info.file_size == 0
     assert b"stack_trace" not in archive.read("archive/models/model.json")
