@@ -28,6 +28,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {_one_line(exc)}", err=True)
             raise click.exceptions.Exit(2) from None
+        except MemoryError:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("error: out of memory; free memory, or for a look inside a .dcz use "
+                       "dcompress inspect --header-only", err=True)
+            raise click.exceptions.Exit(2) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
