@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,31 +30,77 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def accuracy(logits: Tensor, targets: Tensor) -> float:
     """Fraction of rows whose arg-max logit equals the target class."""
-    return float((logits.argmax(dim=1) == targets).float().mean())
+    return float((logits.argmax(dim=1) == targets).double().mean())
+
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+SPLITS = ("train", "val", "test")
+
+
+def _is_pair(data: object) -> bool:
+    return (isinstance(data, tuple) and len(data) == 2
+            and all(isinstance(t, Tensor) for t in data))
 
 
 @dataclass
 class Task:
-    """Training, validation and test data with the loss to train on and the metric to maximise."""
+    """Training, validation and test data with the loss to train on and the metric to maximise.
+
+    Each split is an (inputs, targets) pair of tensors, or any re-iterable of (inputs, targets)
+    batches (a DataLoader, a list), read one batch at a time. The metric is a batch's mean
+    score; over a split it is averaged per example.
+    """
 
     name: str
-    train: tuple[Tensor, Tensor]
-    val: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
+    train: tuple[Tensor, Tensor] | Batches
+    val: tuple[Tensor, Tensor] | Batches
+    test: tuple[Tensor, Tensor] | Batches
     loss: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy
     metric: Callable[[Tensor, Tensor], float] = accuracy
     build_model: Callable[[], nn.Module] | None = None
     example_input: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        for name in SPLITS:
+            data = getattr(self, name)
+            if not _is_pair(data) and (not isinstance(data, Iterable) or iter(data) is data):
+                raise CompressError(f"task {self.name}: split {name!r} must be an (inputs, "
+                                    "targets) pair of tensors or a re-iterable of batches (a "
+                                    "DataLoader or a list), not a one-shot iterator")
         if self.example_input is None:
-            self.example_input = self.train[0][:8]
+            first = self.train if _is_pair(self.train) else next(iter(self.train), None)
+            if not _is_pair(tuple(first) if first is not None else None):
+                raise CompressError(f"task {self.name}: the train split yields no (inputs, "
+                                    "targets) batch; check the data")
+            self.example_input = first[0][:8]
 
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """Return the 'train', 'val' or 'test' pair."""
-        if name not in ("train", "val", "test"):
+    def split(self, name: str) -> tuple[Tensor, Tensor] | Batches:
+        """Return the 'train', 'val' or 'test' data (a tensor pair or an iterable of batches)."""
+        if name not in SPLITS:
             raise CompressError(f"split {name!r}: unknown split; use 'train', 'val' or 'test'")
         return getattr(self, name)
+
+    def size(self, name: str) -> int | None:
+        """Examples in a split when it is a tensor pair (None for an iterable of batches)."""
+        data = self.split(name)
+        return len(data[0]) if _is_pair(data) else None
+
+    def batches(self, name: str, batch_size: int = 1000, order: Tensor | None = None
+                ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The split's (inputs, targets) batches: slices of a tensor pair (rows in `order` when
+        given), or the iterable's own batches."""
+        data = self.split(name)
+        if not _is_pair(data):
+            for batch in data:
+                yield tuple(batch)  # type: ignore[misc]
+            return
+        x, y = data
+        for start in range(0, len(x), batch_size):
+            if order is None:
+                yield x[start:start + batch_size], y[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                yield x[idx], y[idx]
 
 
 def _holdout(x: Tensor, y: Tensor, n_val: int, seed: int = 0) -> tuple[tuple, tuple]:

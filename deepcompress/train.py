@@ -62,16 +62,22 @@ def _set_mode(model: nn.Module, training: bool) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, split: str = "test", batch_size: int = 1000) -> float:
-    """Task metric of model on the given split ('train', 'val' or 'test'), in eval mode."""
-    x, y = task.split(split)
+    """Task metric of model on the given split ('train', 'val' or 'test'), in eval mode, one
+    batch at a time: the per-example average of the metric's batch means."""
     device = _device(model)
     was_training = model.training
     _set_mode(model, False)
+    weighted: list[float] = []
+    count = 0
     try:
-        logits = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        for x, y in task.batches(split, batch_size):
+            weighted.append(float(task.metric(model(x.to(device)).cpu(), y)) * len(y))
+            count += len(y)
     finally:
         _set_mode(model, was_training)
-    return float(task.metric(logits, y))
+    if count == 0:
+        raise CompressError(f"task {task.name}: split {split!r} is empty; give it examples")
+    return weighted[0] / count if len(weighted) == 1 else math.fsum(weighted) / count
 
 
 def fit(
@@ -85,11 +91,11 @@ def fit(
     on_epoch_end(epoch) runs after each epoch's steps and before validation; if it returns
     True the model was changed (e.g. pruned further), so only later epochs compete for best.
     """
-    x, y = task.train
     device = _device(model)
-    n = len(x)
+    n = task.size("train")
     history: list[dict] = []
-    batches = math.ceil(n / config.batch_size)
+    batches = (math.ceil(n / config.batch_size) if n is not None
+               else len(task.train) if hasattr(task.train, "__len__") else None)
     shuffle = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -99,33 +105,35 @@ def fit(
             if config.lr_schedule == "cosine" else None
         )
         best_score, best_state = -math.inf, None
-        with tqdm(total=config.epochs * batches, disable=config.quiet, desc=f"train {task.name}",
+        total_steps = config.epochs * batches if batches is not None else None
+        with tqdm(total=total_steps, disable=config.quiet, desc=f"train {task.name}",
                   leave=False) as bar:
             for epoch in range(config.epochs):
                 model.train()
-                order = torch.randperm(n, generator=shuffle)
-                total = 0.0
-                for start in range(0, n, config.batch_size):
-                    idx = order[start:start + config.batch_size]
+                order = torch.randperm(n, generator=shuffle) if n is not None else None
+                total, seen = 0.0, 0
+                for x, y in task.batches("train", config.batch_size, order):
                     optimizer.zero_grad(set_to_none=True)
-                    loss = task.loss(model(x[idx].to(device)), y[idx].to(device))
+                    loss = task.loss(model(x.to(device)), y.to(device))
                     loss.backward()
                     optimizer.step()
-                    total += float(loss.detach()) * len(idx)
+                    total += float(loss.detach()) * len(y)
+                    seen += len(y)
                     bar.update(1)
+                n_epoch = max(seen, 1)
                 lr = optimizer.param_groups[0]["lr"]
                 if schedule is not None:
                     schedule.step()
                 if on_epoch_end is not None and on_epoch_end(epoch):
                     best_score, best_state = -math.inf, None
                 score = evaluate(model, task, "val")
-                history.append({"epoch": epoch, "train_loss": total / n, "val_metric": score,
-                                "lr": lr, "best": False})
+                history.append({"epoch": epoch, "train_loss": total / n_epoch,
+                                "val_metric": score, "lr": lr, "best": False})
                 if score > best_score:
                     best_score = score
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     best_epoch = len(history) - 1
-                bar.set_postfix(loss=f"{total / n:.4f}", val=f"{score:.4f}")
+                bar.set_postfix(loss=f"{total / n_epoch:.4f}", val=f"{score:.4f}")
         if best_state is not None:
             model.load_state_dict(best_state)
             history[best_epoch]["best"] = True

@@ -107,3 +107,39 @@ def test_cosine_schedule_anneals(task):
     history = fit(fresh(), task, TrainConfig(epochs=3, lr=0.1, lr_schedule="cosine", quiet=True))
     lrs = [row["lr"] for row in history]
     assert lrs[0] == pytest.approx(0.1) and lrs[0] > lrs[1] > lrs[2]
+
+
+def test_tasks_over_iterables_of_batches_train_and_evaluate(task):
+    """A DataLoader (or a list of batches) is a split: read a batch at a time, never whole."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepcompress.tasks import Task
+
+    seen: list[int] = []
+
+    def metric(logits, y):
+        seen.append(len(y))
+        return task.metric(logits, y)
+
+    loaders = {name: DataLoader(TensorDataset(*task.split(name)), batch_size=50,
+                                shuffle=name == "train",
+                                generator=torch.Generator().manual_seed(0))
+               for name in ("train", "val")}
+    streamed = Task("digits-stream", loaders["train"], loaders["val"],
+                    list(zip(task.test[0].split(64), task.test[1].split(64), strict=True)),
+                    metric=metric)
+    model = fresh()
+    history = fit(model, streamed, TrainConfig(epochs=3, lr=0.05, quiet=True))
+    assert history[-1]["val_metric"] > 0.8 and max(seen) == 50
+    assert evaluate(model, streamed, "test") == pytest.approx(evaluate(model, task, "test"),
+                                                             abs=1e-12)
+    assert max(seen) == 64
+    assert evaluate(model, task, "test", batch_size=7) == pytest.approx(
+        evaluate(model, task, "test"), abs=1e-12)
+
+
+def test_a_one_shot_iterator_is_not_a_split(task):
+    from deepcompress.tasks import Task
+
+    with pytest.raises(CompressError, match="re-iterable"):
+        Task("once", iter([task.train]), task.val, task.test)
