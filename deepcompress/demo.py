@@ -24,8 +24,10 @@ def run_demo(out: str | Path, data_dir: str | None = None, quiet: bool = False,
     fit(model, task, TrainConfig(epochs=10 if data_dir else 20, lr=0.05, seed=seed, quiet=quiet,
                                  lr_schedule="cosine"))
     dense_acc = evaluate(model, task, "test")
+    # chosen on the validation split (digits, seed 0) among 64 settings: the smallest file
+    # within 0.5 pt of dense validation accuracy
     model, report = compress(model, task, CompressConfig(
-        sparsity=0.92, bits=4, rounds=3, prune_epochs=3, finetune_epochs=3, lr=0.02, seed=seed,
+        sparsity=0.85, bits=4, prune_epochs=16, finetune_epochs=8, lr=0.02, seed=seed,
         quiet=quiet))
     size = save(model, out, {"demo": task.name}, program=export_program(model, task.example_input))
     reloaded = load(out)  # the architecture comes from the file: no Python class needed
