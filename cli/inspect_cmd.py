@@ -21,19 +21,22 @@ def _printable(name: str) -> str:
 
 def render(s: dict) -> str:
     """The summary as a text table with totals."""
-    head = (f"{'tensor':<28} {'shape':<16} {'weights':>9} {'density':>7} {'clusters':>9} "
+    head = (f"{'tensor':<28} {'shape':<16} {'weights':>9} {'density':>7} {'clusters':>10} "
             f"{'val b/nz':>8} {'pos b/nz':>8} {'bytes':>8} {'ratio':>7}  layout / codings")
     lines = [head, "-" * len(head)]
     for r in s["tensors"]:
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        clusters = f"{r['clusters']} ({r['cluster_bits']}b)" if r["encoding"] == "shared" else "-"
+        clusters = "-"
+        if r["encoding"] == "shared":  # grouped: K per group x G groups, e.g. 16x512g
+            clusters = (f"{r['clusters']} ({r['cluster_bits']}b)" if r.get("group_rows") is None
+                        else f"{r['clusters']}x{r['groups']}g")
         vb = f"{r['value_bits_per_nonzero']:.2f}" if "value_bits_per_nonzero" in r else "-"
         pb = f"{r['position_bits_per_nonzero']:.2f}" if "position_bits_per_nonzero" in r else "-"
         ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
         density = "-" if r["density"] is None else f"{r['density']:.1%}"
         codings = " ".join(f"{k}:{v}" for k, v in r["codings"].items())
         lines.append(f"{_printable(r['name'])[:28]:<28} {shape[:16]:<16} {r['weights']:>9} "
-                     f"{density:>7} {clusters:>9} {vb:>8} {pb:>8} {_kb(r['bytes']):>8} "
+                     f"{density:>7} {clusters:>10} {vb:>8} {pb:>8} {_kb(r['bytes']):>8} "
                      f"{ratio:>7}  {_printable(r['layout'])} {codings}".rstrip())
     lines.append("-" * len(head))
     nonzero = ("nonzero not counted (header only)" if s["nonzero"] is None else

@@ -12,7 +12,9 @@ from . import __version__
 from .errors import CompressError
 from .formats import DczError, DczFile, dcz
 from .formats import program as _program
+from .formats.codec import Shared
 from .parametrize import baked_state_dict, refuse_unbaked
+from .quantize import declared_shares
 
 
 def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
@@ -21,15 +23,20 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
          on_tensor: Callable[[str, int], None] | None = None) -> int:
     """Write a model, a state_dict or an iterable of (name, tensor) to a .dcz; returns its bytes.
 
-    Weight sharing is detected, not declared: a floating tensor with at most 256 distinct nonzero
-    values is stored as codebook + indices, anything else in its own dtype, zstd-compressed.
+    A module's weight-shared tensors (share_weights, share_biases) are stored from their
+    declared codebook and index; any other floating tensor with at most 256 distinct nonzero
+    values (or at most 256 per row) is found to be shared and stored as codebook + indices, and
+    anything else in its own dtype, zstd-compressed.
     With `program` (a torch.export of the model), the file also holds the architecture without
     its weights, and `load(path)` returns a runnable module with no Python class needed.
     A module's parametrizations (masks, codebooks) are saved baked, the module left unchanged;
     a state_dict still holding parametrization keys is refused.
     """
-    tensors = (baked_state_dict(model_or_state_dict) if isinstance(model_or_state_dict, nn.Module)
-               else refuse_unbaked(model_or_state_dict, str(path)))
+    if isinstance(model_or_state_dict, nn.Module):
+        tensors = _declared(baked_state_dict(model_or_state_dict),
+                            declared_shares(model_or_state_dict))
+    else:
+        tensors = refuse_unbaked(model_or_state_dict, str(path))
     meta = {"producer": f"deepcompress {__version__}", **dict(metadata or {})}
     try:
         packed = _program.pack(program) if program is not None else None
@@ -43,6 +50,22 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iterable,
         if isinstance(exc, CompressError):
             raise
         raise CompressError(f"{path}: cannot save: {exc}") from exc
+
+
+def _where(t: torch.Tensor) -> tuple | None:
+    if t.numel() == 0:
+        return None
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+
+
+def _declared(tensors: dict[str, torch.Tensor], shares: dict[str, Shared]
+              ) -> dict[str, torch.Tensor | Shared]:
+    """The baked tensors with each declared one (and any name tied to it) replaced by its Shared
+    value: one Shared object per storage, so the writer still stores ties once."""
+    by_storage = {_where(tensors[n]): s for n, s in shares.items()
+                  if n in tensors and tensors[n].shape == s.shape and tensors[n].dtype == s.dtype}
+    by_storage.pop(None, None)
+    return {n: by_storage.get(_where(t), t) for n, t in tensors.items()}
 
 
 def export_program(model: nn.Module, example_input: torch.Tensor

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from deepcompress.errors import CompressError
+from deepcompress.formats.codec import Shared
 from deepcompress.kmeans import INITS, cluster_weight
 from deepcompress.parametrize import attach, bake, chain, find, original, remove
 
@@ -30,6 +31,7 @@ __all__ = [
     "bake",
     "bits_for",
     "codebooks",
+    "declared_shares",
     "format_report",
     "parse_bits",
     "share_biases",
@@ -214,6 +216,22 @@ def codebooks(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
         p = find(module, "weight", SharedWeight)
         if p is not None:
             out[name] = (original(module, "weight"), p.index)
+    return out
+
+
+def declared_shares(model: nn.Module) -> dict[str, Shared]:
+    """The codebook and index of every tensor whose only parametrization is a SharedWeight, by
+    state_dict name, for the writer to store as they are (no search for the values). The
+    codebook gets the +0.0 that baking adds (-0.0 becomes +0.0, a structural zero), so the
+    values are bit for bit those of the baked tensor."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "parametrizations", {}):
+            parts = chain(module, name)
+            if len(parts) == 1 and isinstance(parts[0], SharedWeight):
+                with torch.no_grad():
+                    codebook = original(module, name).detach() + 0.0
+                out[f"{prefix}.{name}" if prefix else name] = Shared(codebook, parts[0].index)
     return out
 
 

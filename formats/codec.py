@@ -2,7 +2,10 @@
 
 A floating tensor with at most 256 distinct nonzero values is weight-shared: its codebook holds
 the distinct nonzero bit patterns and each nonzero is an index into it; zero (all bits clear) is
-structural. Its positions take the smallest layout (csr.py): dense, capped gaps or escaped gaps.
+structural. One with more, but at most 256 per row (a model quantized per output channel), gets
+one codebook per row (grouped sharing, SPEC.md 2.1). A quantizer can declare its codebooks
+(`Shared`) instead of having them found. Positions take the smallest layout (csr.py): dense,
+capped gaps or escaped gaps.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _TRY_BOTH_BELOW = 1 << 16  # tensors this small are encoded both ways and the sm
 _SAMPLE = 1 << 16
 _TRY_PLAIN_BELOW = 1 << 20  # raw tensors up to 1 MB also try unshuffled bytes
 _CHUNK = 1 << 20  # larger ones are shuffled and compressed this many bytes at a time
+GROUP_CHUNK = 1 << 20  # grouped tensors are detected and decoded this many elements at a time
+_SAMPLE_ROWS = 8  # rows looked at before grouped detection runs over a whole tensor
 
 
 @dataclass
@@ -99,6 +104,73 @@ def _encode_large_raw(data: np.ndarray, itemsize: int) -> Encoded:
                    {"data": streams.Stream("raw", data.size, raw)})
 
 
+@dataclass(eq=False)
+class Shared:
+    """A declared weight-shared tensor: codebook[index], index -1 meaning zero. A [G, K] codebook
+    holds one codebook per group of `group_rows` rows (of the tensor viewed as [shape[0], -1]),
+    and each index points into its own group's codebook."""
+
+    codebook: torch.Tensor
+    index: torch.Tensor
+    group_rows: int = 1
+
+    @property
+    def shape(self) -> torch.Size:
+        """The tensor's shape (the index's)."""
+        return self.index.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's dtype (the codebook's)."""
+        return self.codebook.dtype
+
+    def check(self) -> None:
+        """ValueError unless codebook, index and group_rows describe a tensor a .dcz can share."""
+        cb, idx = self.codebook, self.index
+        if DTYPE_NAMES.get(cb.dtype) not in SHAREABLE or cb.dim() not in (1, 2):
+            raise ValueError(f"a shared codebook must be a 1-D or 2-D float tensor, got "
+                             f"{cb.dtype} of shape {tuple(cb.shape)}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"a shared index must be an integer tensor, got {idx.dtype}")
+        if idx.numel() and not (-1 <= int(idx.min()) and int(idx.max()) < cb.shape[-1]):
+            raise ValueError(f"a shared index must lie in -1..{cb.shape[-1] - 1}")
+        if cb.dim() == 2:
+            rows = idx.shape[0] if idx.dim() else 0
+            if (type(self.group_rows) is not int or self.group_rows < 1 or idx.dim() == 0
+                    or cb.shape[0] != -(-rows // self.group_rows)):
+                raise ValueError(f"a [G, K] codebook needs G = ceil(rows / group_rows) groups; "
+                                 f"got G = {cb.shape[0]}, index shape {tuple(idx.shape)}, "
+                                 f"group_rows {self.group_rows!r}")
+
+    def dense(self) -> torch.Tensor:
+        """The tensor it stands for."""
+        self.check()
+        cb, idx = self.codebook.detach().cpu(), self.index.detach().cpu().long()
+        if idx.numel() == 0:
+            return torch.zeros(self.shape, dtype=cb.dtype)
+        if cb.dim() == 1:
+            return torch.cat((cb.new_zeros(1), cb))[idx + 1]
+        groups, k = cb.shape
+        table = torch.cat((cb.new_zeros(groups, 1), cb), dim=1).reshape(-1)
+        rows = idx.shape[0]
+        offset = (torch.arange(rows) // self.group_rows) * (k + 1)
+        flat = idx.reshape(rows, -1) + 1 + offset[:, None]
+        return table[flat].reshape(self.shape)
+
+
+def _key(bits: np.ndarray) -> np.ndarray:
+    """Bit patterns mapped to integers in the order of their float values (an involution):
+    negative floats get their magnitude bits flipped; zero stays 0, nonzero stays nonzero."""
+    mask = np.array(np.iinfo(bits.dtype).max, dtype=bits.dtype)
+    return bits ^ ((bits >> (8 * bits.itemsize - 1)) & mask)
+
+
+def _by_value(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The order that sorts distinct bit patterns by float value, NaN last (v1 codebooks)."""
+    as_float = torch.from_numpy(values.copy()).view(DTYPES[dtype][0]).double().numpy()
+    return np.argsort(as_float, kind="stable")
+
+
 def _codebook(bits: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(codebook bit patterns in value order, index per nonzero), or None if > 256 values."""
     values = np.unique(bits[:_SAMPLE])
@@ -109,28 +181,103 @@ def _codebook(bits: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray] | N
         values, index = np.unique(bits, return_inverse=True)
         if values.size > MAX_CLUSTERS:
             return None
-    as_float = torch.from_numpy(values.copy()).view(DTYPES[dtype][0]).double().numpy()
-    order = np.argsort(as_float, kind="stable")  # by value, NaN last: readable codebooks
+    order = _by_value(values, dtype)  # by value, NaN last: readable codebooks
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     return values[order], rank[index].astype(np.uint8)
 
 
-def encode_shared(tensor: torch.Tensor) -> Encoded | None:
-    """Codebook + indices + positions, or None when the tensor has more than 256 values."""
-    name = dtype_name(tensor.dtype)
-    if name not in SHAREABLE:
+def _distinct_marks(s: np.ndarray) -> np.ndarray:
+    """For rows sorted along axis 1: True at the first of each run of a nonzero value."""
+    marks = np.empty(s.shape, dtype=bool)
+    marks[:, :1] = True
+    np.not_equal(s[:, 1:], s[:, :-1], out=marks[:, 1:])
+    marks &= s != 0
+    return marks
+
+
+def _row_codebooks(bits: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-row codebooks ([rows, K] bit patterns, each row's values in value order, zero-padded)
+    and every element's index into its row's, or None when a row has more than 256 values or
+    sharing would not pay (its estimate for a sample of rows is no smaller than raw bytes)."""
+    cols = bits.size // rows
+    table = bits.reshape(rows, cols)
+    sample = table[np.unique(np.linspace(0, rows - 1, min(rows, _SAMPLE_ROWS)).astype(np.int64)),
+                   :_SAMPLE]
+    per_row = _distinct_marks(np.sort(_key(sample), axis=1)).sum(axis=1)
+    if per_row.max() > MAX_CLUSTERS:
+        return None  # an unshared tensor stops here, cheaply
+    # the sample's codebooks plus fixed-length indices, against its raw bytes
+    estimate = (per_row * bits.itemsize).sum() + (
+        np.count_nonzero(sample, axis=1) * np.log2(per_row + 1)).sum() / 8
+    if estimate >= sample.size * bits.itemsize:
         return None
-    bits = _flat(tensor).view(_INT_TORCH[SHAREABLE[name]]).numpy()
-    head = bits[: 4 * _SAMPLE]
-    if np.unique(head[head != 0]).size > MAX_CLUSTERS:  # most unshared tensors stop here, cheaply
+    index = np.empty(bits.size, dtype=np.uint8)
+    counts = np.empty(rows, dtype=np.int64)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    step = max(1, GROUP_CHUNK // max(cols, 1))
+    for start in range(0, rows, step):  # blocks of rows, about GROUP_CHUNK elements each
+        keys = _key(table[start:start + step])
+        order = np.argsort(keys, axis=1)
+        s = np.take_along_axis(keys, order, axis=1)
+        marks = _distinct_marks(s)
+        k = marks.sum(axis=1)
+        if k.max() > MAX_CLUSTERS:
+            return None
+        counts[start:start + k.size] = k
+        rank = np.cumsum(marks, axis=1, dtype=np.int16) - 1  # zeros get a meaningless rank
+        block = np.empty(keys.shape, dtype=np.uint8)
+        np.put_along_axis(block, order, rank.clip(0).astype(np.uint8), axis=1)
+        index[start * cols:(start + k.size) * cols] = block.reshape(-1)
+        r, c = np.nonzero(marks)
+        found.append((r + start, rank[r, c], s[r, c]))
+    k = int(counts.max())
+    codebook = np.zeros((rows, k), dtype=bits.dtype)
+    for r, c, v in found:
+        codebook[r, c] = _key(v)
+    return codebook, index
+
+
+def _grouped_declared(codebook: np.ndarray, index: np.ndarray, rows: int, group_rows: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A declared [G, K0] codebook and index (-1 = zero) normalized as detection would find them:
+    (codebook [G, K], zero-padded, values in value order, unused/zero/repeated entries dropped;
+    flat nonzero positions; their uint8 indices), or None if a group keeps over 256 values."""
+    groups, k0 = codebook.shape
+    cols = index.size // rows if rows else 0
+    gid = np.repeat(np.arange(rows, dtype=np.int64) // group_rows, cols)
+    code = np.where(index >= 0, index + gid * k0, -1)
+    del gid
+    flat = codebook.reshape(-1)
+    used = np.flatnonzero((np.bincount(code + 1, minlength=flat.size + 1)[1:] > 0) & (flat != 0))
+    group, keys = used // max(k0, 1), _key(flat[used])
+    order = np.lexsort((keys, group))
+    group, keys = group[order], keys[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = (group[1:] != group[:-1]) | (keys[1:] != keys[:-1])
+    distinct = np.cumsum(new) - 1
+    starts = np.ones(order.size, dtype=bool)
+    starts[1:] = group[1:] != group[:-1]
+    first = distinct[np.flatnonzero(starts)]  # the first distinct value of each present group
+    rank = distinct - first[np.cumsum(starts) - 1]
+    sizes = np.bincount(group[new], minlength=groups)
+    k = int(sizes.max()) if sizes.size else 0
+    if k > MAX_CLUSTERS:
         return None
-    positions = np.flatnonzero(bits)
-    found = _codebook(bits[positions], name)
-    if found is None:
-        return None
-    codebook, index = found
-    k, numel, nonzero = codebook.size, bits.size, positions.size
+    out = np.zeros((groups, k), dtype=codebook.dtype)
+    out[group[new], rank[new]] = _key(keys[new])
+    remap = np.full(flat.size + 1, -1, dtype=np.int16)
+    remap[used[order] + 1] = rank
+    mapped = remap[code + 1]
+    positions = np.flatnonzero(mapped >= 0)
+    return out, positions, mapped[positions].astype(np.uint8)
+
+
+def _shared_streams(codebook: np.ndarray, positions: np.ndarray, index: np.ndarray, numel: int,
+                    grouping: tuple[int, int] | None = None) -> Encoded:
+    """The entry of a shared tensor from its codebook bit patterns (flat, or [G, K] with
+    grouping = (G, group_rows)), its nonzero positions and their indices: the smallest layout."""
+    k, nonzero = codebook.shape[-1] if codebook.ndim else 0, positions.size
     index_counts = np.bincount(index, minlength=256)
     layouts: dict[tuple[str, int], int] = {}
     if k < MAX_CLUSTERS:
@@ -147,7 +294,9 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
         layouts[("escape", 0)] = streams.stream_size(esc_counts) + varint_bytes + index_size
     layout, g = min(layouts, key=layouts.get)
     fields = {"encoding": "shared", "layout": layout, "nonzero": int(nonzero), "clusters": int(k)}
-    out = {"codebook": streams.encode_bytes(codebook.view(np.uint8))}
+    if grouping is not None:
+        fields.update(groups=int(grouping[0]), group_rows=int(grouping[1]))
+    out = {"codebook": streams.encode_bytes(np.ascontiguousarray(codebook).view(np.uint8))}
     if layout == "dense":
         symbols = np.zeros(numel, dtype=np.uint8)
         symbols[positions] = index + 1
@@ -164,12 +313,80 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
     return Encoded(fields, out)
 
 
-def encode_tensor(tensor: torch.Tensor) -> Encoded:
-    """The smallest encoding of a tensor: shared when it has <= 256 distinct nonzero values."""
-    shared = encode_shared(tensor)
-    if shared is not None and tensor.numel() >= _TRY_BOTH_BELOW:
-        return shared
-    raw = encode_raw(tensor)
+def encode_shared(tensor: torch.Tensor) -> Encoded | None:
+    """Codebook + indices + positions, found by looking at the values: one codebook when the
+    tensor has at most 256 distinct nonzero values, else one per row when every row has at most
+    256; None otherwise."""
+    name = dtype_name(tensor.dtype)
+    if name not in SHAREABLE:
+        return None
+    bits = _flat(tensor).view(_INT_TORCH[SHAREABLE[name]]).numpy()
+    head = bits[: 4 * _SAMPLE]
+    if np.unique(head[head != 0]).size <= MAX_CLUSTERS:  # most unshared tensors fail, cheaply
+        positions = np.flatnonzero(bits)
+        found = _codebook(bits[positions], name)
+        if found is not None:
+            return _shared_streams(found[0], positions, found[1], bits.size)
+    rows = tensor.shape[0] if tensor.dim() else 1
+    if rows < 2 or bits.size < 2 * rows:  # a single row, or rows of one element
+        return None
+    grouped = _row_codebooks(bits, rows)
+    if grouped is None:
+        return None
+    codebook, index = grouped
+    positions = np.flatnonzero(bits)
+    return _shared_streams(codebook, positions, index[positions], bits.size, (rows, 1))
+
+
+def encode_declared(shared: Shared) -> Encoded | None:
+    """The entry of a declared shared tensor, without looking at its values: the bytes
+    detection would give for the same tensor (unused, zero and repeated codebook entries are
+    dropped, values sorted). None if a codebook keeps more than 256 values."""
+    shared.check()
+    name = dtype_name(shared.dtype)
+    int_torch = _INT_TORCH[SHAREABLE[name]]
+    codebook = _flat(shared.codebook).view(int_torch).numpy().reshape(shared.codebook.shape)
+    index = _flat(shared.index).to(torch.int64).numpy()
+    numel = index.size
+    if codebook.ndim == 2:
+        rows = shared.shape[0]
+        found = _grouped_declared(codebook, index, rows, shared.group_rows)
+        if found is None:
+            return None
+        grouped, positions, symbols = found
+        return _shared_streams(grouped, positions, symbols, numel,
+                               (grouped.shape[0], shared.group_rows))
+    counts = np.bincount(index + 1, minlength=codebook.size + 1)[1:]
+    used = np.flatnonzero((counts > 0) & (codebook != 0))
+    values, inverse = np.unique(codebook[used], return_inverse=True)
+    if values.size > MAX_CLUSTERS:
+        return None
+    order = _by_value(values, name)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    remap = np.full(codebook.size + 1, -1, dtype=np.int16)
+    remap[used + 1] = rank[inverse.reshape(-1)]
+    mapped = remap[index + 1]
+    positions = np.flatnonzero(mapped >= 0)
+    return _shared_streams(values[order], positions, mapped[positions].astype(np.uint8), numel)
+
+
+def encode_tensor(tensor: torch.Tensor | Shared) -> Encoded:
+    """The smallest encoding of a tensor or a declared `Shared` one: shared when it has <= 256
+    distinct nonzero values (per row, if not overall), raw otherwise or when that is smaller."""
+    if isinstance(tensor, Shared):
+        shared = encode_declared(tensor)
+        if shared is None:
+            return encode_tensor(tensor.dense())
+        numel, dense = tensor.index.numel(), tensor.dense
+    else:
+        shared, numel = encode_shared(tensor), tensor.numel()
+        dense = lambda: tensor  # noqa: E731
+    itemsize = DTYPES[dtype_name(tensor.dtype)][1]
+    if shared is not None and numel >= _TRY_BOTH_BELOW and (
+            "groups" not in shared.fields or 2 * shared.nbytes <= numel * itemsize):
+        return shared  # a grouped entry that saves less than half is checked against raw
+    raw = encode_raw(dense())
     return shared if shared is not None and shared.nbytes <= raw.nbytes else raw
 
 
@@ -209,12 +426,18 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
 
     int_type = SHAREABLE[dtype]
     k, nonzero = fields["clusters"], fields["nonzero"]
+    groups = fields.get("groups")
+    slots = k if groups is None else groups * k
     codebook = stream("codebook")
-    if codebook.size != k * itemsize:
-        raise DczError(f"{what}: codebook has {codebook.size} bytes, expected {k * itemsize}")
+    if codebook.size != slots * itemsize:
+        raise DczError(f"{what}: codebook has {codebook.size} bytes, expected {slots * itemsize}")
     codebook = codebook.view(int_type) if codebook.size else np.zeros(0, int_type)
-    if np.count_nonzero(codebook) != k or np.unique(codebook).size != k:
-        raise DczError(f"{what}: codebook values must be distinct and nonzero")
+    if groups is None:
+        if np.count_nonzero(codebook) != k or np.unique(codebook).size != k:
+            raise DczError(f"{what}: codebook values must be distinct and nonzero")
+        sizes = None
+    else:
+        sizes = _group_sizes(codebook.reshape(groups, k), what)
     index = stream("index")
     layout = fields["layout"]
     expected = numel if layout == "dense" else nonzero
@@ -223,17 +446,66 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
     limit = k if layout == "dense" else k - 1
     if index.size and int(index.max()) > limit:
         raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
-    if layout == "dense":
-        if np.count_nonzero(index) != nonzero:
-            raise DczError(f"{what}: dense index stream holds a different number of nonzeros")
-        table = np.concatenate((np.zeros(1, int_type), codebook))
-        out = table[index]
+    if layout == "dense" and np.count_nonzero(index) != nonzero:
+        raise DczError(f"{what}: dense index stream holds a different number of nonzeros")
+    positions = None
+    if layout == "capped":
+        positions = csr.decode_capped(stream("gaps"), fields["gap_bits"], nonzero, numel, what)
+    elif layout == "escape":
+        positions = csr.decode_escape(stream("gaps"), stream("long_gaps"), nonzero, numel, what)
+    if sizes is not None:
+        out = _decode_grouped(codebook, sizes, k, fields["group_rows"] * (numel // shape[0]),
+                              index, positions, numel, what)
+    elif positions is None:
+        out = np.concatenate((np.zeros(1, int_type), codebook))[index]
     else:
-        if layout == "capped":
-            positions = csr.decode_capped(stream("gaps"), fields["gap_bits"], nonzero, numel, what)
-        else:
-            positions = csr.decode_escape(stream("gaps"), stream("long_gaps"), nonzero, numel,
-                                          what)
         out = np.zeros(numel, dtype=int_type)
         out[positions] = codebook[index]
     return torch.from_numpy(out).view(torch_dtype).reshape(shape)
+
+
+def _group_sizes(codebook: np.ndarray, what: str) -> np.ndarray:
+    """Each group's number of values K_g, after checking its K slots: K_g distinct nonzero bit
+    patterns, then zeros (padding) only, and some group using all K slots."""
+    groups, k = codebook.shape
+    present = codebook != 0
+    sizes = present.sum(axis=1)
+    if not np.array_equal(present, np.arange(k) < sizes[:, None]):
+        raise DczError(f"{what}: a group's codebook has a zero slot before a value (zero slots "
+                       "only pad the end)")
+    if groups and k and int(sizes.max()) != k:
+        raise DczError(f"{what}: no group's codebook fills all {k} slots")
+    ordered = np.sort(codebook, axis=1)
+    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != 0)).any():
+        raise DczError(f"{what}: a group's codebook repeats a value")
+    return sizes
+
+
+def _decode_grouped(codebook: np.ndarray, sizes: np.ndarray, k: int, group_size: int,
+                    index: np.ndarray, positions: np.ndarray | None, numel: int, what: str
+                    ) -> np.ndarray:
+    """A grouped tensor's bit patterns, GROUP_CHUNK elements (or nonzeros) at a time, checking
+    that every index lies within its own group's codebook (element e is in group e // size)."""
+    groups = sizes.size
+    if positions is None:  # dense: symbol 0 is zero, s >= 1 the group's value s - 1
+        table = np.zeros((groups, k + 1), dtype=codebook.dtype)
+        table[:, 1:] = codebook.reshape(groups, k)
+        table = table.reshape(-1)
+        out = np.empty(numel, dtype=codebook.dtype)
+        for a in range(0, numel, GROUP_CHUNK):
+            b = min(a + GROUP_CHUNK, numel)
+            gid = np.arange(a, b, dtype=np.int64) // group_size
+            symbols = index[a:b]
+            if (symbols > sizes[gid]).any():
+                raise DczError(f"{what}: an index points past its group's codebook")
+            out[a:b] = table[gid * (k + 1) + symbols]
+        return out
+    out = np.zeros(numel, dtype=codebook.dtype)
+    for a in range(0, positions.size, GROUP_CHUNK):
+        where = positions[a:a + GROUP_CHUNK]
+        gid = where.astype(np.int64) // group_size
+        symbols = index[a:a + GROUP_CHUNK]
+        if (symbols >= sizes[gid]).any():
+            raise DczError(f"{what}: an index points past its group's codebook")
+        out[where] = codebook[gid * k + symbols]
+    return out

@@ -27,7 +27,8 @@ from . import program as _program
 from .errors import DczError
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
-VERSION = 1
+VERSION = 2  # the newest version; a file that needs nothing of version 2 is written as version 1
+VERSIONS = (1, 2)  # the versions this reader reads
 PREAMBLE = struct.Struct("<8sII")  # magic, version, crc32 of the first 12 bytes
 TRAILER = struct.Struct("<QQQII")  # header offset, header length, raw length, header crc, own crc
 MAX_HEADER_BYTES = 1 << 26
@@ -97,14 +98,20 @@ def available_memory() -> int:
 def decode_cost(entry: dict) -> int:
     """An upper bound on the bytes that decoding one stored (non-alias) entry allocates."""
     numel = math.prod(entry["shape"])
-    out = numel * codec.DTYPES[entry["dtype"]][1]
+    itemsize = codec.DTYPES[entry["dtype"]][1]
+    out = numel * itemsize
     recs = entry["streams"].values()
     symbols = sum(s["count"] for s in recs)
     stored = sum(s["length"] for s in recs)
     positions = 0
     if "gaps" in entry["streams"]:  # advance, ends and mask arrays, then the positions
         positions = 17 * entry["streams"]["gaps"]["count"] + 8 * entry["nonzero"]
-    return 2 * out + 2 * symbols + stored + positions
+    grouped = 0
+    if "groups" in entry:  # slot checks (mask, sort, sizes), the dense table, chunk temporaries
+        slots = entry["groups"] * (entry["clusters"] + 1)
+        grouped = slots * (3 * itemsize + 3) + 16 * entry["groups"] + 64 * min(
+            max(numel, entry["nonzero"]), codec.GROUP_CHUNK)
+    return 2 * out + 2 * symbols + stored + positions + grouped
 
 
 def _storage_key(t: torch.Tensor) -> tuple | None:
@@ -124,11 +131,19 @@ def _put(f, stream: streams.Stream, offset: int) -> dict:
             "count": stream.count}
 
 
+def _preamble(version: int) -> bytes:
+    head = MAGIC + struct.pack("<I", version)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable,
           metadata: Mapping | None = None,
           on_tensor: Callable[[str, int], None] | None = None,
           program: bytes | None = None) -> int:
     """Write tensors (a mapping or an iterable of (name, tensor)) to a .dcz; returns its size.
+
+    A value may be a `codec.Shared` (a declared codebook and index) instead of a tensor: it is
+    stored shared without its values being searched, as the same bytes detection would give.
 
     One tensor is encoded and written at a time, so memory follows the largest tensor. The file
     appears whole or not at all (written to a temporary file, then renamed). `on_tensor(name,
@@ -141,53 +156,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            head = MAGIC + struct.pack("<I", VERSION)
-            f.write(head + struct.pack("<I", zlib.crc32(head)))
-            offset = PREAMBLE.size
-            entries: list[dict] = []
-            # storage address -> (name, weak ref): a freed tensor's address can be reused by a
-            # later one from an iterator, and that is no tie
-            seen: dict[tuple, tuple[str, weakref.ref]] = {}
-            names: set[str] = set()
-            for name, tensor in items:
-                if not _name(name) or name in names:
-                    raise ValueError(f"tensor name {name!r} is empty, not a string, not valid "
-                                     "Unicode or repeated")
-                if not isinstance(tensor, torch.Tensor):
-                    raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-                if not _shape_ok(list(tensor.shape)):
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} cannot be stored "
-                                     "(its nonzero dims multiply to 2^63 or more)")
-                names.add(name)
-                entry = {"name": name, "dtype": codec.dtype_name(tensor.dtype),
-                         "shape": list(tensor.shape)}
-                key = _storage_key(tensor)
-                if key is not None and key in seen and seen[key][1]() is not None:
-                    entries.append({**entry, "encoding": "alias", "alias_of": seen[key][0]})
-                    continue
-                if key is not None:
-                    seen[key] = (name, weakref.ref(tensor))
-                encoded = codec.encode_tensor(tensor)
-                entry.update(encoded.fields)
-                entry["streams"] = {}
-                for sname, stream in encoded.streams.items():
-                    entry["streams"][sname] = _put(f, stream, offset)
-                    offset += stream.nbytes
-                entries.append(entry)
-                del tensor, encoded  # before the iterator makes the next one
-                if on_tensor is not None:
-                    on_tensor(name, offset)
-            doc = {"tensors": entries, "metadata": meta}
-            if program is not None:
-                stream = streams.encode_bytes(np.frombuffer(program, dtype=np.uint8))
-                doc["program"] = _put(f, stream, offset)
-                offset += stream.nbytes
-            raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-            header = zstandard.ZstdCompressor(level=19, dict_data=_HEADER_DICT, write_dict_id=False,
-                                              write_checksum=False).compress(raw)
-            f.write(header)
-            body = struct.pack("<QQQI", offset, len(header), len(raw), zlib.crc32(header))
-            f.write(body + struct.pack("<I", zlib.crc32(body)))
+            _emit(f, items, meta, on_tensor, program)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -195,6 +164,91 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterabl
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+class _Counter:
+    """A write-only sink that keeps only the number of bytes written."""
+
+    def __init__(self) -> None:
+        self.size = self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        self.pos += len(data)
+        self.size = max(self.size, self.pos)
+        return len(data)
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+
+def encoded_size(tensors: Mapping[str, torch.Tensor] | Iterable, metadata: Mapping | None = None,
+                 program: bytes | None = None) -> int:
+    """The bytes `write` would give for these arguments, encoded but written nowhere."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    sink = _Counter()
+    _emit(sink, items, json.loads(json.dumps(dict(metadata or {}), allow_nan=False)), None, program)
+    return sink.size
+
+
+def _emit(f, items: Iterable, meta: dict, on_tensor: Callable[[str, int], None] | None,
+          program: bytes | None) -> None:
+    """Write a whole .dcz to f (a binary file, or a _Counter), one tensor at a time."""
+    version = 1  # until an entry needs version 2; the preamble is rewritten at the end
+    f.write(_preamble(version))
+    offset = PREAMBLE.size
+    entries: list[dict] = []
+    # storage address -> (name, weak ref): a freed tensor's address can be reused by a
+    # later one from an iterator, and that is no tie
+    seen: dict[tuple, tuple[str, weakref.ref]] = {}
+    names: set[str] = set()
+    for name, tensor in items:
+        if not _name(name) or name in names:
+            raise ValueError(f"tensor name {name!r} is empty, not a string, not valid "
+                             "Unicode or repeated")
+        if isinstance(tensor, codec.Shared):
+            tensor.check()
+        elif not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor or a Shared, got "
+                             f"{type(tensor).__name__}")
+        if not _shape_ok(list(tensor.shape)):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} cannot be stored "
+                             "(its nonzero dims multiply to 2^63 or more)")
+        names.add(name)
+        entry = {"name": name, "dtype": codec.dtype_name(tensor.dtype),
+                 "shape": list(tensor.shape)}
+        key = (("shared", id(tensor)) if isinstance(tensor, codec.Shared)
+               else _storage_key(tensor))
+        if key is not None and key in seen and seen[key][1]() is not None:
+            entries.append({**entry, "encoding": "alias", "alias_of": seen[key][0]})
+            continue
+        if key is not None:
+            seen[key] = (name, weakref.ref(tensor))
+        encoded = codec.encode_tensor(tensor)
+        if "groups" in encoded.fields:
+            version = 2
+        entry.update(encoded.fields)
+        entry["streams"] = {}
+        for sname, stream in encoded.streams.items():
+            entry["streams"][sname] = _put(f, stream, offset)
+            offset += stream.nbytes
+        entries.append(entry)
+        del tensor, encoded  # before the iterator makes the next one
+        if on_tensor is not None:
+            on_tensor(name, offset)
+    doc = {"tensors": entries, "metadata": meta}
+    if program is not None:
+        stream = streams.encode_bytes(np.frombuffer(program, dtype=np.uint8))
+        doc["program"] = _put(f, stream, offset)
+        offset += stream.nbytes
+    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    header = zstandard.ZstdCompressor(level=19, dict_data=_HEADER_DICT, write_dict_id=False,
+                                      write_checksum=False).compress(raw)
+    f.write(header)
+    body = struct.pack("<QQQI", offset, len(header), len(raw), zlib.crc32(header))
+    f.write(body + struct.pack("<I", zlib.crc32(body)))
+    if version != 1:
+        f.seek(0)
+        f.write(_preamble(version))
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -252,8 +306,10 @@ def _check_stream(s: object, where: str) -> None:
         raise DczError(f"{where}: bad stream record")
 
 
-def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: int) -> dict:
-    """Validate one header entry against the schema; returns it."""
+def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: int,
+                 version: int = VERSION) -> dict:
+    """Validate one header entry of a file of this format version against the schema; returns
+    it."""
     where = f"header: tensor #{index}"
     if not isinstance(e, dict) or not _name(e.get("name")):
         raise DczError(f"{where}: not an object with a non-empty, valid Unicode name")
@@ -290,6 +346,12 @@ def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: 
     elif enc == "shared":
         layout = e.get("layout")
         keys = common | {"layout", "nonzero", "clusters", "streams"}
+        grouped = "groups" in e or "group_rows" in e
+        if grouped:
+            if version < 2:
+                raise DczError(f"{where}: grouped codebooks need format version 2 (the file "
+                               f"says {version})")
+            keys |= {"groups", "group_rows"}
         if layout == "capped":
             keys |= {"gap_bits"}
             if type(e.get("gap_bits")) is not int or not 1 <= e["gap_bits"] <= 8:
@@ -302,7 +364,11 @@ def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: 
             raise DczError(f"{where}: clusters or nonzero out of range")
         if layout == "dense" and k > 255:
             raise DczError(f"{where}: the dense layout holds at most 255 clusters")
-        counts = {"codebook": k * itemsize, "index": numel if layout == "dense" else nonzero}
+        slots = k
+        if grouped:
+            _check_groups(e, shape, numel, where)
+            slots = e["groups"] * k
+        counts = {"codebook": slots * itemsize, "index": numel if layout == "dense" else nonzero}
     else:
         raise DczError(f"{where}: unknown encoding {enc!r}")
     got = e["streams"]
@@ -318,6 +384,24 @@ def _check_entry(e: object, index: int, earlier: dict[str, dict], max_elements: 
     if "long_gaps" in got and got["long_gaps"]["count"] > 9 * got["gaps"]["count"]:
         raise DczError(f"{where}: long_gaps stream count out of range")
     return e
+
+
+def _check_groups(e: dict, shape: list[int], numel: int, where: str) -> None:
+    """The grouping members of a shared entry (SPEC 2.1): G = ceil(rows / group_rows) groups of
+    group_rows rows (the last one shorter), and K no larger than the elements of a group."""
+    groups, group_rows = e["groups"], e["group_rows"]
+    if not (_u64(groups) and _u64(group_rows)):
+        raise DczError(f"{where}: groups and group_rows must be non-negative integers")
+    if not shape:
+        raise DczError(f"{where}: a grouped tensor needs at least one dimension")
+    rows = shape[0]
+    if not 1 <= group_rows <= max(rows, 1):
+        raise DczError(f"{where}: group_rows must be 1..{max(rows, 1)} (the rows)")
+    if groups != -(-rows // group_rows):
+        raise DczError(f"{where}: {groups} groups, but {rows} rows in groups of {group_rows} "
+                       f"make {-(-rows // group_rows)}")
+    if e["clusters"] > group_rows * (numel // rows if rows else 0):
+        raise DczError(f"{where}: {e['clusters']} clusters, more than the elements of a group")
 
 
 class DczFile(Mapping):
@@ -366,9 +450,10 @@ class DczFile(Mapping):
             raise DczError(f"{self.path}: preamble: not a .dcz file (wrong magic bytes)")
         if zlib.crc32(MAGIC + struct.pack("<I", version)) != crc:
             raise DczError(f"{self.path}: preamble: checksum mismatch")
-        if version != VERSION:
+        if version not in VERSIONS:
             raise DczError(f"{self.path}: preamble: format version {version} is not supported "
-                           f"(this reader reads version {VERSION}); upgrade deepcompress")
+                           f"(this reader reads versions 1 and 2); upgrade deepcompress")
+        self.version = version
         trailer = self._read(size - TRAILER.size, TRAILER.size)
         h_off, h_len, h_raw, h_crc, t_crc = TRAILER.unpack(trailer)
         if zlib.crc32(trailer[:-4]) != t_crc:
@@ -392,7 +477,7 @@ class DczFile(Mapping):
         try:
             for i, e in enumerate(doc["tensors"]):
                 entries[e["name"] if isinstance(e, dict) else i] = _check_entry(
-                    e, i, entries, max_elements)
+                    e, i, entries, max_elements, version)
         except DczError as exc:
             raise DczError(f"{self.path}: {exc}") from None
         records = [s for e in entries.values() for s in e.get("streams", {}).values()]

@@ -61,6 +61,8 @@ def summarize(path: str | os.PathLike, header_only: bool = False) -> dict:
                 row["value_bits_per_nonzero"] = value / nz if nz else 0.0
                 row["position_bits_per_nonzero"] = pos / nz if nz else 0.0
                 row["cluster_bits"] = math.ceil(math.log2(e["clusters"])) if e["clusters"] > 1 else 0
+                row["groups"] = e.get("groups", 1)  # codebooks: one per group of rows
+                row["group_rows"] = e.get("group_rows")  # None: one for the whole tensor
             nz = row["nonzero"]
             row["density"] = None if nz is None else nz / numel if numel else 0.0
             row["dense_bytes"] = 0 if e["encoding"] == "alias" else 4 * numel

@@ -596,6 +596,118 @@ def layout_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
             yield Mutation(f"{name} escape varint without escape", "escape", "error", f)
 
 
+_INT = {"float64": np.int64, "float32": np.int32, "float16": np.int16, "bfloat16": np.int16}
+
+
+def _slots(base: Forged, i: int) -> np.ndarray:
+    """The [G, K] codebook slots (bit patterns) of grouped entry i, a writable copy."""
+    e = base.doc["tensors"][i]
+    flat = np.frombuffer(base.symbols((i, "codebook")), _INT[e["dtype"]]).copy()
+    return flat.reshape(e["groups"], e["clusters"])
+
+
+def _set_slots(f: Forged, i: int, slots: np.ndarray) -> None:
+    data = np.ascontiguousarray(slots).tobytes()
+    f.set_stream((i, "codebook"), data, "raw", len(data))
+
+
+def _group_sizes(slots: np.ndarray) -> np.ndarray:
+    return (slots != 0).sum(axis=1)
+
+
+def grouped_mutations(base: Forged) -> Iterator[Mutation]:
+    """Attacks on grouped (version 2) entries: groups and group_rows that lie, codebooks that
+    break the padding, distinctness or fill rules, indices past their group's codebook, and a
+    grouped entry in a version 1 file. Deterministic (no randomness): the same list each time."""
+    for i in _stored(base.doc):
+        if "groups" in base.doc["tensors"][i]:
+            yield from _grouped_entry_mutations(base, i)
+
+
+def _grouped_entry_mutations(base: Forged, i: int) -> Iterator[Mutation]:
+    e = base.doc["tensors"][i]
+    name, groups, rows, k = e["name"], e["groups"], e["shape"][0], e["clusters"]
+    gsize = e["group_rows"] * (math.prod(e["shape"]) // rows)
+    slots = _slots(base, i)
+    sizes = _group_sizes(slots)
+
+    def edit(label: str, fn: Callable[[Forged, dict], None], expect: str = "error") -> Mutation:
+        f = base.copy()
+        fn(f, f.doc["tensors"][i])
+        return Mutation(f"{name} {label}", "grouped", expect, f)
+
+    for label, kw in [("groups+1", {"groups": groups + 1}), ("groups-1", {"groups": groups - 1}),
+                      ("groups 0", {"groups": 0}), ("group_rows 0", {"group_rows": 0}),
+                      ("group_rows rows+1", {"group_rows": rows + 1}),
+                      ("group_rows+1", {"group_rows": e["group_rows"] + 1}),
+                      ("group_rows 2^63", {"group_rows": 1 << 63}),
+                      ("groups 2^40", {"groups": 1 << 40}), ("clusters 257", {"clusters": 257}),
+                      ("grouped scalar", {"shape": []})]:
+        yield edit(label, lambda f, en, kw=kw: en.update(kw))
+
+    def more_groups(f: Forged, en: dict) -> None:  # a codebook that matches one more group
+        en["groups"] = groups + 1
+        _set_slots(f, i, np.concatenate((slots, slots[:1])))
+    yield edit("groups+1 with a codebook to match", more_groups)
+    yield edit("groups without group_rows", lambda f, en: en.pop("group_rows"))
+    yield edit("group_rows without groups", lambda f, en: en.pop("groups"))
+    yield edit("grouping members dropped", lambda f, en: (en.pop("groups"), en.pop("group_rows")))
+    yield edit("in a version 1 file", lambda f, en: setattr(f, "version", 1))
+
+    def wider(f: Forged, en: dict) -> None:  # one more slot per group: no group fills them all
+        en["clusters"] = k + 1
+        _set_slots(f, i, np.concatenate((slots, np.zeros((groups, 1), slots.dtype)), 1))
+    yield edit("clusters+1, padded codebooks", wider)
+
+    full = int(np.flatnonzero(sizes == k)[0])
+
+    def changed(at: tuple[int, int], value: object) -> Callable[[Forged, dict], None]:
+        def fn(f: Forged, en: dict) -> None:
+            s2 = slots.copy()
+            s2[at] = s2[full, 0] if value == "repeat" else value
+            _set_slots(f, i, s2)
+        return fn
+    if k >= 2:
+        yield edit("a group repeats a value", changed((full, 1), "repeat"))
+        yield edit("a zero slot before a value", changed((full, 0), 0))
+    short = np.flatnonzero(sizes < k - 1)
+    if short.size:  # -0.0 is a value, not padding: a value after a zero slot
+        yield edit("padding -0.0", changed((int(short[0]), k - 1), np.iinfo(slots.dtype).min))
+
+    if e["layout"] == "dense" and (sizes < k).any():
+        g = int(np.flatnonzero(sizes < k)[0])
+
+        def past(f: Forged, en: dict) -> None:  # an element gets the symbol past its codebook
+            symbols = bytearray(base.symbols((i, "index")))
+            en["nonzero"] = e["nonzero"] + (symbols[g * gsize] == 0)
+            symbols[g * gsize] = int(sizes[g]) + 1
+            f.set_stream((i, "index"), bytes(symbols), "raw", len(symbols))
+        yield edit(f"index past group {g}'s codebook", past)
+    if e["layout"] != "dense" and e["nonzero"]:
+        g = int(_positions(base, i)[0] // gsize)
+
+        def shrink(f: Forged, en: dict) -> None:  # the first nonzero's group loses slot K-1
+            symbols = bytearray(base.symbols((i, "index")))
+            symbols[0] = k - 1
+            s2 = slots.copy()
+            s2[g, k - 1] = 0
+            _set_slots(f, i, s2)
+            f.set_stream((i, "index"), bytes(symbols), "raw", len(symbols))
+        yield edit(f"sparse index past group {g}'s codebook", shrink)
+
+
+def _positions(base: Forged, i: int) -> np.ndarray:
+    """The flat nonzero positions of sparse entry i of a real file."""
+    from deepcompress.formats import csr
+    e = base.doc["tensors"][i]
+    numel = math.prod(e["shape"])
+    gaps = np.frombuffer(base.symbols((i, "gaps")), np.uint8)
+    if e["layout"] == "capped":
+        return csr.decode_capped(gaps, e["gap_bits"], e["nonzero"], numel, "forge")
+    long_gaps = np.frombuffer(base.symbols((i, "long_gaps")), np.uint8)
+    return csr.decode_escape(gaps, long_gaps, e["nonzero"], numel, "forge")
+
+
 def _empty_sparse(base: Forged, i: int) -> Forged:
     """A copy where entry i claims nonzero 0 and clusters 0, with empty codebook and index."""
     f = base.copy()
@@ -685,7 +797,8 @@ def random_mutation(base: Forged, rng: random.Random, sentinel: str = "/tmp/dcz-
                     ) -> Mutation:
     """One random structured mutation (for the fuzzer): a random generator, a random pick."""
     gens = [lambda: header_mutations(base, rng, 1), lambda: stream_mutations(base, rng),
-            lambda: layout_mutations(base, rng), lambda: program_mutations(base, rng, sentinel)]
+            lambda: layout_mutations(base, rng), lambda: program_mutations(base, rng, sentinel),
+            lambda: grouped_mutations(base)]
     while True:
         found = list(rng.choice(gens)())
         if found:
@@ -722,6 +835,35 @@ def _tiny_mlp_class() -> type:
     return TinyMLP
 
 
+def _per_row(rows: int, cols: int, k: int, dtype: object, density: float, seed: int) -> object:
+    """rows x cols with k distinct nonzero values per row, each row its own scale."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.arange(1, k + 1, dtype=torch.float64) - (k + 1) / 2 + 0.25
+    w = (levels[torch.randint(0, k, (rows, cols), generator=g)]
+         * (torch.rand(rows, 1, generator=g, dtype=torch.float64) + 0.5)).to(dtype)
+    return torch.where(torch.rand(rows, cols, generator=g) < density, w, torch.zeros((), dtype=dtype))
+
+
+def grouped_tensors() -> dict:
+    """Grouped (version 2) entries: per-row dense and capped, and a declared escape entry with
+    groups of 7 rows, the last shorter, one of them all zero."""
+    import torch
+
+    from deepcompress.formats.codec import Shared
+    dense = _per_row(40, 300, 10, torch.float32, 1.0, 4)
+    dense[5] = 0  # an empty group
+    g = torch.Generator().manual_seed(5)
+    index = torch.full((50, 4000), -1, dtype=torch.int64)
+    spots = torch.randint(0, index.numel(), (120,), generator=g)
+    index.view(-1)[spots] = torch.randint(0, 3, (120,), generator=g)
+    index.view(-1)[[7, 150_000]] = 1  # ...and a gap of over 255 + 2^7 zeros (a long varint)
+    index[7:14] = -1  # group 1 all zero
+    codebook = torch.randn(8, 3, generator=g).to(torch.bfloat16)
+    return {"gdense": dense, "gcapped": _per_row(64, 500, 8, torch.float16, 0.1, 6),
+            "gescape": Shared(codebook, index, 7)}
+
+
 def build_bases(folder: str | Path) -> dict[str, Path]:
     """Small real files to forge from: every layout, raw dtypes, aliases, and a program."""
     import torch
@@ -753,8 +895,9 @@ def build_bases(folder: str | Path) -> dict[str, Path]:
         "empty": torch.zeros(0, 3),
     }
     out = {"shared": folder / "shared.dcz", "raw": folder / "raw.dcz",
-           "program": folder / "program.dcz"}
+           "program": folder / "program.dcz", "grouped": folder / "grouped.dcz"}
     deepcompress.save(tensors, out["shared"], metadata={"note": "forge base"})
+    deepcompress.save(grouped_tensors(), out["grouped"])
     deepcompress.save(raw, out["raw"])
     torch.manual_seed(0)
     model = _tiny_mlp_class()()

@@ -96,3 +96,25 @@ def test_inspect_header_only_decodes_nothing(dcz_file, monkeypatch):
     out = CliRunner().invoke(main, ["inspect", str(path), "--header-only"])
     assert out.exit_code == 0, out.output
     assert "not counted (header only)" in out.output
+
+
+def test_inspect_shows_the_grouping(tmp_path):
+    """One codebook per row: K x G in the clusters column, groups and group_rows in --json."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(1, 17, (512, 1024), generator=g).float() * (torch.rand(512, 1, generator=g) + 0.5)
+    path = tmp_path / "g.dcz"
+    deepcompress.save({"w": w, "b": torch.randn(8, generator=g)}, path)
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "16x512g" in out.output
+    s = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    row = next(t for t in s["tensors"] if t["name"] == "w")
+    assert row["clusters"] == 16 and row["groups"] == 512 and row["group_rows"] == 1
+    assert sum(t["bytes"] for t in s["tensors"]) + s["overhead_bytes"] == s["file_bytes"]
+
+
+def test_inspect_json_of_an_ungrouped_shared_tensor(dcz_file):
+    path, _ = dcz_file
+    s = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    fc = next(t for t in s["tensors"] if t["name"] == "fc.weight")
+    assert fc["groups"] == 1 and fc["group_rows"] is None

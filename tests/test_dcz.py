@@ -346,9 +346,9 @@ def test_declared_huge_header_is_refused(tmp_path, small_file):
 def test_wrong_magic_and_future_version(tmp_path, small_file):
     with pytest.raises(DczError, match="magic"):
         load_bytes(tmp_path, b"PK\x03\x04" + small_file[4:])
-    head = dcz.MAGIC + struct.pack("<I", 2)
+    head = dcz.MAGIC + struct.pack("<I", 3)
     future = head + struct.pack("<I", zlib.crc32(head)) + small_file[16:]
-    with pytest.raises(DczError, match="version 2"):
+    with pytest.raises(DczError, match="version 3"):
         load_bytes(tmp_path, future)
     with pytest.raises(DczError):
         load_bytes(tmp_path, b"")

@@ -36,6 +36,7 @@ SENTINEL = _WORK / "pickle-ran"
 BASES = forge.build_bases(_WORK / "bases")
 _MUTATIONS = {name: forge.mutations(Forged.read(path), seed=7, sentinel=str(SENTINEL),
                                     limit=CASES_PER_BASE) for name, path in BASES.items()}
+_MUTATIONS["grouped"] += list(forge.grouped_mutations(Forged.read(BASES["grouped"])))  # every one
 CASES = [f"{base}:{i}:{m.name}" for base, ms in _MUTATIONS.items() for i, m in enumerate(ms)]
 
 
@@ -233,6 +234,62 @@ def test_corpus_is_small_and_listed():
     readme = (HERE / "corpus" / "README.md").read_text()
     for p in CORPUS:
         assert p.name in readme, p.name
+
+
+# --- grouped codebooks (format version 2) -------------------------------------------------------
+
+def test_the_grouped_base_has_every_layout_and_an_empty_group():
+    with deepcompress.open_lazy(BASES["grouped"]) as f:
+        assert f.version == 2
+        assert {e["layout"] for e in f.entries.values()} == {"dense", "capped", "escape"}
+        assert all("groups" in e for e in f.entries.values())
+        assert f.entries["gescape"]["group_rows"] == 7 and f.entries["gescape"]["groups"] == 8
+        assert not f["gescape"][7:14].any()
+
+
+@pytest.mark.parametrize("member", ["groups", "group_rows"])
+@pytest.mark.parametrize("label,value", forge.WRONG_KINDS, ids=[k for k, _ in forge.WRONG_KINDS])
+def test_grouped_members_of_the_wrong_kind(tmp_path, member, label, value):
+    def edit(f: Forged) -> None:
+        f.entry("gdense")[member] = value
+    assert not check(_edited(tmp_path, "grouped", edit))
+
+
+def _grouped_entry(**changes: object) -> dict:
+    e = {"name": "w", "dtype": "float32", "shape": [4, 2], "encoding": "shared",
+         "layout": "dense", "nonzero": 8, "clusters": 2, "groups": 4, "group_rows": 1,
+         "streams": {k: {"offset": 16, "length": 0, "crc32": 0, "coding": "raw", "count": 0}
+                     for k in ("codebook", "index")}}
+    e.update(changes)
+    e["streams"]["codebook"]["count"] = 4 * e["clusters"] * e["groups"]
+    e["streams"]["index"]["count"] = 8
+    return e
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"clusters": 3}, "more than the elements of a group"),
+    ({"shape": [], "nonzero": 1, "clusters": 1, "groups": 1}, "at least one dimension"),
+    ({"group_rows": 3, "groups": 1}, "make 2"),  # ceil(4 / 3) = 2: the last group is shorter
+    ({"groups": True}, "non-negative integers"),
+])
+def test_grouped_header_rules(changes, message):
+    from deepcompress.formats import dcz
+    e = _grouped_entry(**changes)
+    if e["shape"] == []:
+        e["streams"]["index"]["count"] = 1
+    with pytest.raises(DczError, match=message):
+        dcz._check_entry(e, 0, {}, 1 << 34, 2)
+    assert dcz._check_entry(_grouped_entry(group_rows=3, groups=2), 0, {}, 1 << 34, 2)
+
+
+def test_a_grouped_entry_with_2_34_slots_is_refused_before_allocating(tmp_path):
+    f = Forged.read(BASES["grouped"])
+    i = f.index("gdense")
+    f.doc["tensors"][i].update(shape=[1 << 30, 16], nonzero=1, clusters=1, groups=1 << 30)
+    f.set_stream((i, "codebook"), b"\x3f", "const", 4 << 30)
+    f.set_stream((i, "index"), forge.lying_zstd_frame(b"\x01" + b"\x00" * 7, 1 << 34), "zstd",
+                 1 << 34)
+    assert not check(forged_path(tmp_path, f.to_bytes()))
 
 
 # --- (a) allocation before validation ----------------------------------------------------------

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
+import spawn  # tests/spawn.py
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -197,37 +195,24 @@ def test_weight_error_by_hand() -> None:
     assert weight_error(torch.ones(3), torch.ones(3)) == (0.0, math.inf)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = lenet(seed=0)  # same weights on every rank, then shared identically
-        share_weights(model, ShareConfig(bits=4))
-        index0 = {n: i.clone() for n, (_, i) in codebooks(model).items()}
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
-        for _ in range(3):
-            x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
-            opt.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-        state = {n: (c.detach().clone(), torch.equal(i, index0[n])) for n, (c, i) in codebooks(model).items()}
-        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
+    model = lenet(seed=0)  # same weights on every rank, then shared identically
+    share_weights(model, ShareConfig(bits=4))
+    index0 = {n: i.clone() for n, (_, i) in codebooks(model).items()}
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    state = {n: (c.detach().clone(), torch.equal(i, index0[n])) for n, (c, i) in codebooks(model).items()}
+    torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_keeps_codebooks_identical_and_indices_fixed(tmp_path) -> None:
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn.run(_ddp_worker, 2, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     before = {n: c.detach() for n, (c, _) in codebooks(share_and_return(lenet(seed=0))).items()}
     assert r0.keys() == r1.keys() == before.keys()
@@ -257,3 +242,49 @@ def test_share_biases_trains_a_small_codebook():
     assert len(torch.unique(model[0].bias.detach())) <= 8
     with pytest.raises(CompressError):
         share_biases(model, 9)
+
+
+def test_save_hands_codebooks_to_the_writer_and_writes_the_bytes_detection_gives(tmp_path, monkeypatch) -> None:
+    """Declared sharing: no search over the weights, and the file detection would write."""
+    import copy
+
+    import numpy as np
+
+    import deepcompress
+    from deepcompress.formats import DczFile, codec
+    from deepcompress.models import lenet300
+    from deepcompress.quantize import declared_shares, share_biases
+
+    torch.manual_seed(0)
+    model = lenet300()
+    with torch.no_grad():
+        for p in model.parameters():
+            p[p.abs() < 0.02] = 0
+    share_weights(model, ShareConfig(bits="linear=5"))
+    share_biases(model, 4)
+    shares = declared_shares(model)
+    assert set(shares) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight"}
+    assert all(isinstance(s, codec.Shared) and s.codebook.dim() == 1 for s in shares.values())
+    deepcompress.save(bake(copy.deepcopy(model)), tmp_path / "detected.dcz")
+    sizes = []
+    unique = np.unique
+    monkeypatch.setattr(np, "unique", lambda a, *args, **kw: sizes.append(np.asarray(a).size) or unique(a, *args, **kw))
+    deepcompress.save(model, tmp_path / "declared.dcz")
+    assert (tmp_path / "declared.dcz").read_bytes() == (tmp_path / "detected.dcz").read_bytes()
+    assert max(sizes) <= 32  # codebooks only (and fc3.bias, 10 values, left to detection)
+    with DczFile(tmp_path / "declared.dcz") as f:
+        assert f.version == 1 and f.entries["fc1.weight"]["encoding"] == "shared"
+
+
+def test_declared_shares_skip_tensors_with_further_parametrizations() -> None:
+    from deepcompress.parametrize import attach
+    from deepcompress.quantize import declared_shares
+
+    class Scale(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    model = lenet()
+    share_weights(model, ShareConfig(bits=3))
+    attach(model[4], "weight", Scale())
+    assert set(declared_shares(model)) == {"0.weight", "6.weight"}

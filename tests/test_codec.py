@@ -1,0 +1,285 @@
+"""Grouped codebooks (format version 2), per-row detection and declared sharing (codec.Shared)."""
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepcompress.formats import DczError, DczFile, codec, dcz, read, write
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DATA = Path(__file__).parent / "data"
+LENET = Path(__file__).parents[2] / "shared" / "data" / "lenet"
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        h.update(bits(t))
+    return h.hexdigest()[:16]
+
+
+def per_row(rows: int, cols: int, k: int, dtype: torch.dtype = torch.float32, density: float = 1.0,
+            seed: int = 0) -> torch.Tensor:
+    """rows x cols with k distinct nonzero values per row (each row its own scale)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, 1, generator=g, dtype=torch.float64) + 0.5
+    levels = torch.arange(1, k + 1, dtype=torch.float64) - (k + 1) / 2 + 0.25
+    idx = torch.randint(0, k, (rows, cols), generator=g)
+    w = (levels[idx] * scale).to(dtype)
+    return torch.where(torch.rand(rows, cols, generator=g) < density, w, torch.zeros((), dtype=dtype))
+
+
+def round_trip(tmp_path: Path, sd: dict) -> tuple[dict, DczFile]:
+    path = tmp_path / "m.dcz"
+    write(path, sd)
+    f = DczFile(path)
+    back = f.load()
+    for name, t in sd.items():
+        want = t.dense() if isinstance(t, codec.Shared) else t
+        assert back[name].dtype == want.dtype and back[name].shape == want.shape, name
+        assert bits(back[name]) == bits(want), name
+    return back, f
+
+
+# --- the target ----------------------------------------------------------------------------------
+
+def test_16_values_per_row_take_at_most_0_6_bytes_per_weight(tmp_path):
+    w = per_row(512, 1024, 16)
+    assert torch.unique(w).numel() > 256  # one codebook cannot hold it
+    size = write(tmp_path / "m.dcz", {"w": w})
+    assert size / w.numel() <= 0.6, size / w.numel()
+    _, f = round_trip(tmp_path, {"w": w})
+    e = f.entries["w"]
+    assert f.version == 2 and e["groups"] == 512 and e["group_rows"] == 1 and e["clusters"] == 16
+
+
+def test_int8_per_channel_is_grouped_and_smaller_than_raw(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (256, 576), generator=g).float()
+    w = q * (torch.rand(256, 1, generator=g) * 0.01)
+    _, f = round_trip(tmp_path, {"w": w})
+    assert f.entries["w"]["encoding"] == "shared" and f.entries["w"]["groups"] == 256
+    assert f.file_bytes < 0.75 * 4 * w.numel()  # 254 values per row of 576
+
+
+def test_unshared_tensors_are_rejected_cheaply(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    for shape in [(2048, 1024), (4096, 128), (100_000, 3)]:
+        w = torch.randn(shape, generator=g)
+        start = time.perf_counter()
+        assert codec.encode_shared(w) is None, shape
+        assert time.perf_counter() - start < 1.0, shape
+
+
+def test_grouped_sharing_that_does_not_pay_is_stored_raw(tmp_path):
+    g = torch.Generator().manual_seed(3)  # rows of 4 distinct values: a codebook per row
+    w = torch.rand(300, 1, generator=g) * torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # costs more
+    _, f = round_trip(tmp_path, {"w": w})
+    assert f.entries["w"]["encoding"] == "raw" and f.version == 1
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+@st.composite
+def grouped_tensors(draw):
+    dtype = draw(st.sampled_from(FLOATS))
+    rows = draw(st.integers(0, 40))
+    cols = draw(st.integers(0, 60))
+    k = draw(st.integers(1, 40))
+    density = draw(st.sampled_from([0.0, 0.02, 0.3, 1.0]))
+    w = per_row(rows, cols, k, dtype, density, draw(st.integers(0, 2**31)))
+    if rows and draw(st.booleans()):
+        w[draw(st.integers(0, rows - 1))] = 0  # an all-zero row: an empty group
+    extra = draw(st.sampled_from([(), (1,), (2, 1)]))
+    return w.reshape(rows, *extra, cols) if extra == (1,) else w
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(grouped_tensors(), min_size=1, max_size=3))
+def test_grouped_round_trip_is_bit_exact(tmp_path_factory, tensors):
+    round_trip(tmp_path_factory.mktemp("g"), {f"t{i}": t for i, t in enumerate(tensors)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grouped_tensors())
+def test_row_detection_encodes_what_it_finds(tensor):
+    rows = tensor.shape[0]
+    if rows < 2 or tensor.numel() < 2 * rows:
+        return
+    name = codec.dtype_name(tensor.dtype)
+    b = codec._flat(tensor).view(codec._INT_TORCH[codec.SHAREABLE[name]]).numpy()
+    found = codec._row_codebooks(b, rows)
+    if found is None:
+        return
+    codebook, index = found
+    table = np.concatenate((np.zeros((rows, 1), b.dtype), codebook), axis=1)
+    symbol = np.where(b != 0, index.astype(np.int64) + 1, 0)
+    assert np.array_equal(table[np.repeat(np.arange(rows), b.size // rows), symbol], b)
+
+
+def test_many_dtypes_grouped_and_special_values(tmp_path):
+    sd = {str(d).split(".")[1]: per_row(40, 300, 10, d, 0.5, seed=i) for i, d in enumerate(FLOATS)}
+    special = per_row(40, 400, 8, seed=9)
+    special[3, :5] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf"), -0.0])
+    sd["special"] = special
+    _, f = round_trip(tmp_path, sd)
+    assert all(f.entries[n].get("groups") == 40 for n in ("float32", "float64"))
+    assert f.entries["special"]["groups"] == 40
+
+
+def test_empty_and_single_row_tensors(tmp_path):
+    sd = {"empty_rows": torch.zeros(0, 7), "empty_cols": torch.zeros(5, 0),
+          "one_row": per_row(1, 5000, 16), "scalar": torch.tensor(1.5),
+          "all_zero": torch.zeros(64, 64)}
+    _, f = round_trip(tmp_path, sd)
+    assert "groups" not in f.entries["one_row"]  # a single row gets one ordinary codebook
+
+
+@pytest.mark.parametrize("layout_density", [1.0, 0.1, 0.0005])
+def test_grouped_sparse_layouts(tmp_path, layout_density):
+    w = per_row(300, 2000, 12, density=layout_density)
+    w[7] = 0
+    _, f = round_trip(tmp_path, {"w": w})
+    e = f.entries["w"]
+    assert e.get("groups") == 300 or e["encoding"] == "raw" or "groups" not in e
+    if layout_density < 0.01:
+        assert e["layout"] in ("capped", "escape")
+
+
+# --- declared sharing ----------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(FLOATS), shape=st.lists(st.integers(0, 30), max_size=3),
+       k=st.integers(1, 256), seed=st.integers(0, 2**31), zero=st.booleans(), dup=st.booleans())
+def test_declared_gives_the_bytes_detection_gives(tmp_path_factory, dtype, shape, k, seed, zero, dup):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, generator=g, dtype=torch.float64).to(dtype)
+    if zero:
+        codebook[0] = 0.0  # a centroid at zero: its members are structural zeros
+    if dup and k > 1:
+        codebook[-1] = codebook[-2]  # two equal centroids: one value
+    index = torch.randint(-1, k, shape, generator=g)
+    shared = codec.Shared(codebook, index)
+    path = tmp_path_factory.mktemp("d")
+    write(path / "declared.dcz", {"w": shared})
+    write(path / "detected.dcz", {"w": shared.dense()})
+    assert (path / "declared.dcz").read_bytes() == (path / "detected.dcz").read_bytes()
+    assert bits(read(path / "declared.dcz")["w"]) == bits(shared.dense())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(FLOATS), rows=st.integers(0, 20), cols=st.integers(0, 30),
+       group_rows=st.integers(1, 7), k=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_declared_grouped_round_trip(tmp_path_factory, dtype, rows, cols, group_rows, k, seed):
+    group_rows = min(group_rows, max(rows, 1))
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-rows // group_rows)
+    codebook = torch.randn(groups, k, generator=g, dtype=torch.float64).to(dtype)
+    if groups and k > 2:
+        codebook[0, 1] = 0.0
+        codebook[-1, 2] = codebook[-1, 0]
+    index = torch.randint(-1, k, (rows, cols), generator=g)
+    shared = codec.Shared(codebook, index, group_rows)
+    _, f = round_trip(tmp_path_factory.mktemp("dg"), {"w": shared})
+    e = f.entries["w"]
+    if e["encoding"] == "shared" and "groups" in e:
+        assert e["group_rows"] == group_rows and e["groups"] == groups
+
+
+def test_declared_per_row_equals_detection(tmp_path):
+    rows, cols, k = 64, 2000, 16
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(rows, k, generator=g)
+    shared = codec.Shared(codebook, torch.randint(0, k, (rows, cols), generator=g))
+    write(tmp_path / "a.dcz", {"w": shared})
+    write(tmp_path / "b.dcz", {"w": shared.dense()})
+    assert (tmp_path / "a.dcz").read_bytes() == (tmp_path / "b.dcz").read_bytes()
+
+
+def test_declared_values_are_checked():
+    with pytest.raises(ValueError, match="index"):
+        codec.Shared(torch.ones(3), torch.tensor([0, 3])).check()
+    with pytest.raises(ValueError, match="integer"):
+        codec.Shared(torch.ones(3), torch.tensor([0.0])).check()
+    with pytest.raises(ValueError, match="groups"):
+        codec.Shared(torch.ones(3, 2), torch.zeros(7, 2, dtype=torch.long), 2).check()
+    with pytest.raises(ValueError, match="float"):
+        codec.Shared(torch.ones(3, dtype=torch.int32), torch.zeros(2, dtype=torch.long)).check()
+
+
+def test_declared_tensors_keep_their_ties(tmp_path):
+    shared = codec.Shared(torch.tensor([1.0, 2.0]), torch.tensor([[0, 1], [1, -1]]))
+    write(tmp_path / "m.dcz", {"a": shared, "b": shared})
+    with DczFile(tmp_path / "m.dcz") as f:
+        assert f.entries["b"]["encoding"] == "alias" and f["a"] is f["b"]
+
+
+def test_a_declared_codebook_over_256_values_falls_back_to_detection(tmp_path):
+    shared = codec.Shared(torch.arange(1, 301).float(), torch.arange(300).repeat(40))
+    _, f = round_trip(tmp_path, {"w": shared})
+    assert f.entries["w"]["encoding"] == "raw"
+
+
+# --- versions ------------------------------------------------------------------------------------
+
+def test_a_version_1_file_of_the_old_writer_still_loads():
+    with DczFile(DATA / "v1-layouts.dcz") as f:
+        assert f.version == 1
+        assert {e.get("layout", e["encoding"]) for e in f.entries.values()} >= {
+            "dense", "capped", "escape", "alias", "raw"}
+        state = f.load()
+    assert digest(state) == "64a33e0489e4f9a8"  # as the version 1 reader decoded it
+    assert state["dense"] is state["dense_tied"]
+
+
+def test_the_writer_rewrites_a_version_1_file_byte_for_byte(tmp_path):
+    with DczFile(DATA / "v1-layouts.dcz") as f:
+        state, meta = f.load(), f.metadata
+    write(tmp_path / "again.dcz", state, meta)
+    assert (tmp_path / "again.dcz").read_bytes() == (DATA / "v1-layouts.dcz").read_bytes()
+
+
+@pytest.mark.skipif(not LENET.is_dir(), reason="shared LeNet files not present")
+@pytest.mark.parametrize("name,expected", [("lenet300-v1.dcz", "c4f23bb0670dba4e"),
+                                           ("lenet5-v1.dcz", "9e00ee5e7dba00a4")])
+def test_the_shared_lenet_v1_files_load_bit_exactly(name, expected):
+    assert digest(read(LENET / name)) == expected  # digests from the version 1 reader
+
+
+def test_only_grouped_files_are_version_2(tmp_path):
+    write(tmp_path / "plain.dcz", {"w": per_row(10, 10, 3), "b": torch.randn(5)})
+    write(tmp_path / "grouped.dcz", {"w": per_row(64, 1024, 16)})
+    assert (tmp_path / "plain.dcz").read_bytes()[8:12] == b"\x01\x00\x00\x00"
+    assert (tmp_path / "grouped.dcz").read_bytes()[8:12] == b"\x02\x00\x00\x00"
+    with DczFile(tmp_path / "grouped.dcz") as f:
+        assert f.version == 2
+
+
+def test_decode_cost_bounds_a_grouped_decode(tmp_path):
+    import tracemalloc
+
+    w = per_row(256, 4096, 16, density=0.05)
+    write(tmp_path / "m.dcz", {"w": w})
+    with DczFile(tmp_path / "m.dcz") as f:
+        cost = dcz.decode_cost(f.entries["w"])
+        tracemalloc.start()
+        f.decode("w")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak <= cost, (peak, cost)
+
+
+def test_a_grouped_decode_over_budget_is_refused(tmp_path):
+    write(tmp_path / "m.dcz", {"w": per_row(256, 4096, 16)})
+    with pytest.raises(DczError, match="memory budget"):
+        read(tmp_path / "m.dcz", max_bytes=1 << 20)
