@@ -1,6 +1,7 @@
 """Benchmark stage 1: train a dense LeNet on MNIST, prune with retraining, report what remains.
 
 Usage: python benchmarks/prune.py --data-dir DIR --model lenet300|lenet5 --out results.json
+       [--schedule agp|iterative] [--criterion magnitude|taylor] [--allocation global|layer]
 Every choice (best epoch) is made on the validation split; the test split is only reported.
 """
 from __future__ import annotations
@@ -13,17 +14,11 @@ from pathlib import Path
 
 import torch
 
+from deepcompress import criteria
 from deepcompress.bake import bake
 from deepcompress.models import MODELS
-from deepcompress.prune import (
-    AGPConfig,
-    IterativeConfig,
-    PruneConfig,
-    layer_stats,
-    overall_density,
-    prune_agp,
-    prune_iterative,
-)
+from deepcompress.prune import PruneConfig, layer_stats, overall_density
+from deepcompress.schedules import AGP, Iterative
 from deepcompress.tasks import load_task
 from deepcompress.train import TrainConfig, evaluate, fit
 
@@ -32,19 +27,20 @@ RECIPES = {
     "lenet300": {
         "dense": TrainConfig(epochs=30, lr=0.05, batch_size=64, weight_decay=1e-4, lr_schedule="cosine"),
         "sparsity": 0.965,
-        "agp": AGPConfig(initial_sparsity=0.5, steps=20, every=1),
+        "agp": AGP(initial_sparsity=0.5, steps=20, every=1),
         "retrain": TrainConfig(epochs=50, lr=0.02, batch_size=64, weight_decay=1e-4, lr_schedule="cosine"),
     },
     "lenet5": {
         "dense": TrainConfig(epochs=20, lr=0.02, batch_size=64, weight_decay=1e-4, lr_schedule="cosine"),
         "sparsity": 0.975,
-        "agp": AGPConfig(initial_sparsity=0.5, steps=10, every=1),
+        "agp": AGP(initial_sparsity=0.5, steps=10, every=1),
         "retrain": TrainConfig(epochs=24, lr=0.01, batch_size=64, weight_decay=1e-4, lr_schedule="cosine"),
     },
 }
 
 
-def run(data_dir: str, model_name: str, schedule: str, seed: int, quiet: bool) -> dict:
+def run(data_dir: str, model_name: str, schedule: str, seed: int, quiet: bool,
+        criterion: str = "magnitude", allocation_name: str = "global") -> dict:
     """Train dense, prune and retrain one model; return the figures."""
     recipe = RECIPES[model_name]
     task = load_task("mnist", data_dir)
@@ -56,14 +52,14 @@ def run(data_dir: str, model_name: str, schedule: str, seed: int, quiet: bool) -
     dense_time = time.perf_counter() - start
     dense_val, dense_test = evaluate(model, task, "val"), evaluate(model, task, "test")
 
-    config = PruneConfig(criterion="global", sparsity=recipe["sparsity"])
+    config = PruneConfig(criterion=criterion, allocation=allocation_name, sparsity=recipe["sparsity"])
     retrain = TrainConfig(**{**asdict(recipe["retrain"]), "seed": seed + 1, "quiet": quiet})
+    plans = {"agp": (recipe["agp"], retrain),
+             "iterative": (Iterative(rounds=4),
+                           TrainConfig(**{**asdict(retrain), "epochs": retrain.epochs // 4 + 1}))}
+    plan, train = plans[schedule]
     start = time.perf_counter()
-    if schedule == "agp":
-        prune_agp(model, task, config, recipe["agp"], retrain)
-    else:
-        prune_iterative(model, task, config, IterativeConfig(rounds=4),
-                        TrainConfig(**{**asdict(retrain), "epochs": retrain.epochs // 4 + 1}))
+    plan.run(model, task, config, train)
     prune_time = time.perf_counter() - start
     bake(model)
     stats = layer_stats(model)
@@ -71,6 +67,7 @@ def run(data_dir: str, model_name: str, schedule: str, seed: int, quiet: bool) -
         "model": model_name,
         "schedule": schedule,
         "criterion": config.criterion,
+        "allocation": config.allocation,
         "target_sparsity": config.sparsity,
         "split": {k: len(getattr(task, k)[0]) for k in ("train", "val", "test")},
         "dense": {"val": dense_val, "test": dense_test},
@@ -84,7 +81,8 @@ def run(data_dir: str, model_name: str, schedule: str, seed: int, quiet: bool) -
 
 def table(result: dict) -> str:
     """Plain-text summary of one run."""
-    lines = [f"{result['model']} ({result['schedule']}, {result['criterion']})",
+    lines = [f"{result['model']} ({result['schedule']}, {result['criterion']}, "
+             f"{result.get('allocation', 'global')})",
              f"{'layer':<10}{'weights':>10}{'remaining':>11}{'density':>9}"]
     lines += [f"{r['name']:<10}{r['weights']:>10}{r['remaining']:>11}{r['density']:>9.2%}"
               for r in result["layers"]]
@@ -106,12 +104,15 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="folder with MNIST IDX files, e.g. ../shared/data/mnist")
     parser.add_argument("--model", choices=sorted(RECIPES), default="lenet300", help="e.g. lenet5")
     parser.add_argument("--schedule", choices=("agp", "iterative"), default="agp", help="e.g. iterative")
+    parser.add_argument("--criterion", choices=criteria.names(), default="magnitude", help="e.g. taylor")
+    parser.add_argument("--allocation", choices=("global", "layer"), default="global", help="e.g. layer")
     parser.add_argument("--seed", type=int, default=0, help="e.g. 1")
     parser.add_argument("--out", type=Path, help="write JSON results here, e.g. results.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    result = run(args.data_dir, args.model, args.schedule, args.seed, args.quiet)
+    result = run(args.data_dir, args.model, args.schedule, args.seed, args.quiet,
+                 args.criterion, args.allocation)
     print(table(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 import torch
 
+from deepcompress import criteria
 from deepcompress.errors import CompressError
+from deepcompress.prune import PruneConfig
 from deepcompress.sensitivity import (
     analyze,
     parse_sparsities,
@@ -62,10 +64,12 @@ def _load_model(path: str, task, arch: str | None) -> torch.nn.Module:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table. Example: --json")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also write a PNG line plot (needs matplotlib). Example: --plot sensitivity.png")
+@click.option("--criterion", default="magnitude", show_default=True,
+              help=f"What ranks the weights: {', '.join(criteria.names())}. Example: --criterion taylor")
 @click.option("--quiet", is_flag=True, help="No progress bar. Example: --quiet")
 def sensitivity(model_path: str, task_spec: str, data_dir: str | None, arch: str | None,
                 sparsities: str, tolerance: float, as_json: bool, plot_path: str | None,
-                quiet: bool) -> None:
+                criterion: str, quiet: bool) -> None:
     """Prune each layer of MODEL (a .pt state_dict) alone and report the validation metric."""
     try:
         if not Path(model_path).is_file():
@@ -73,9 +77,10 @@ def sensitivity(model_path: str, task_spec: str, data_dir: str | None, arch: str
         if not 0 <= tolerance < 1:
             raise CompressError(f"--tolerance {tolerance}: must be in [0, 1); e.g. 0.01")
         values = parse_sparsities(sparsities)
+        config = PruneConfig(criterion=criterion)
         task = load_task(task_spec, data_dir)
         model = _load_model(model_path, task, arch)
-        result = analyze(model, task, values, quiet=quiet)
+        result = analyze(model, task, values, config, quiet=quiet)
         if plot_path:
             plot(result, plot_path)
     except CompressError as exc:
@@ -83,7 +88,8 @@ def sensitivity(model_path: str, task_spec: str, data_dir: str | None, arch: str
     chosen = tolerated_sparsities(result, tolerance)
     if as_json:
         data = to_dict(result, tolerance)
-        data["thresholds"] = thresholds(model, chosen)
+        if criteria.get(criterion) is criteria.Magnitude:  # |w| thresholds mean nothing otherwise
+            data["thresholds"] = thresholds(model, chosen)
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_table(result, tolerance))

@@ -4,39 +4,29 @@ prunes when asked and shares with the lowest-error clustering, tensor by tensor.
 
 from __future__ import annotations
 
-import copy
 import math
-import tempfile
 import time
 import tomllib
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import allocation, criteria, schedules
 from .bake import bake
 from .errors import CompressError
 from .formats import dcz
 from .kmeans import INITS, cluster_weight
-from .prune import (
-    AGPConfig,
-    IterativeConfig,
-    PruneConfig,
-    layer_stats,
-    prune,
-    prune_agp,
-    prune_iterative,
-    sparsity_mask,
-    std_mask,
-)
+from .parametrize import baked_state_dict
+from .prune import PruneConfig, layer_stats, prune, sparsity_mask, std_mask
 from .quantize import ShareConfig, share_biases, share_weights, weight_error
 from .tasks import Task
 from .train import TrainConfig, evaluate, fit
 
-SCHEDULES = ("iterative", "oneshot", "agp")
-CRITERIA = ("global", "layer")
+OLD_CRITERIA = ("global", "layer")  # `criterion` values of old configs, now allocations
 
 
 @dataclass
@@ -48,7 +38,9 @@ class CompressConfig:
     bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without
     init: str | None = None  # k-means init; None: linear with a task, optimal without
     bias_bits: int | None = 5  # with a task, biases shared too (fine-tuned); None keeps fp32
-    criterion: str = "global"  # sparsity across all layers by magnitude, or "layer" (each alike)
+    criterion: str = "magnitude"  # what scores weights: magnitude (|w|), taylor (|grad * w|)
+    allocation: str | None = None  # global (one threshold), layer (each alike), std (with quality);
+    # None: std with quality, global otherwise
     schedule: str = "agp"  # agp (Zhu & Gupta's cubic), iterative (the paper's), oneshot
     rounds: int = 3  # iterative: prune-retrain rounds
     prune_epochs: int = 12  # retraining epochs (iterative: per round)
@@ -75,13 +67,26 @@ class CompressConfig:
         if self.quality is not None and not (isinstance(self.quality, (int, float))
                                              and self.quality >= 0):
             raise CompressError(f"quality {self.quality!r}: must be a number >= 0, e.g. 1.0")
-        if self.criterion not in CRITERIA:
-            raise CompressError(f"criterion {self.criterion!r}: use one of {', '.join(CRITERIA)}")
+        if self.criterion in OLD_CRITERIA:
+            warnings.warn(f"criterion = {self.criterion!r} is deprecated: write allocation = "
+                          f"{self.criterion!r} (criterion now names what scores weights)",
+                          FutureWarning, stacklevel=3)
+            if self.allocation not in (None, self.criterion):
+                raise CompressError(f"criterion {self.criterion!r} (an old allocation) conflicts "
+                                    f"with allocation {self.allocation!r}; drop criterion")
+            self.criterion, self.allocation = "magnitude", self.criterion
+        criteria.get(self.criterion)
+        if self.allocation is None:
+            self.allocation = "std" if self.quality is not None else "global"
+        target = allocation.get(self.allocation).target
+        if self.prunes and (target == "quality") != (self.quality is not None):
+            raise CompressError(f"allocation {self.allocation!r}: give "
+                                f"{'quality' if target == 'quality' else 'sparsity'}, not "
+                                f"{'sparsity' if target == 'quality' else 'quality'}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise CompressError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant")
         _check_unit(self.agp_initial, "agp_initial")
-        if self.schedule not in SCHEDULES:
-            raise CompressError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        schedules.get(self.schedule)
         if self.init is not None and self.init not in INITS:
             raise CompressError(f"init {self.init!r}: use one of {', '.join(INITS)}")
         if self.agp_steps is not None and (not isinstance(self.agp_steps, int)
@@ -199,34 +204,29 @@ class Report:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def _encoded_bytes(state: dict[str, torch.Tensor]) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return dcz.write(Path(tmp) / "m.dcz", state)
-
-
 def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:
     return 4 * sum(t.numel() for t in state.values())
 
 
 def _stage(name: str, model: nn.Module, task: Task | None, started: float,
            size: int | None = None) -> Stage:
-    state = bake(copy.deepcopy(model)).state_dict()
+    """The stage's metrics and, unless given, the bytes its weights encode to (no file written)."""
     stats = layer_stats(model)
     metric = (lambda s: evaluate(model, task, s)) if task is not None else (lambda s: None)
+    if size is None:
+        size = dcz.encoded_size(baked_state_dict(model))
     return Stage(name, metric("val"), metric("test"), sum(s.total for s in stats),
-                 sum(s.nonzero for s in stats), size if size is not None else _encoded_bytes(state),
-                 time.perf_counter() - started)
+                 sum(s.nonzero for s in stats), size, time.perf_counter() - started)
 
 
 def _prune_config(config: CompressConfig) -> PruneConfig:
-    if config.quality is not None:
-        return PruneConfig(criterion="std", quality=config.quality, min_weights=config.min_weights)
-    if isinstance(config.sparsity, dict):
-        return PruneConfig(criterion="sparsity", sparsity=0.0, layers=config.sparsity,
-                           include=tuple(config.sparsity), min_weights=config.min_weights)
-    criterion = "global" if config.criterion == "global" else "sparsity"
-    return PruneConfig(criterion=criterion, sparsity=config.sparsity,
+    base = PruneConfig(criterion=config.criterion, allocation=config.allocation,
                        min_weights=config.min_weights)
+    if config.quality is not None:
+        return replace(base, quality=config.quality)
+    if isinstance(config.sparsity, dict):  # only the named layers, each to its own sparsity
+        return replace(base, sparsity=0.0, layers=config.sparsity, include=tuple(config.sparsity))
+    return replace(base, sparsity=config.sparsity)
 
 
 def _train_config(config: CompressConfig, **changes: object) -> TrainConfig:
@@ -241,13 +241,13 @@ def prune_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> 
     pc = _prune_config(config)
     if task is None:
         prune(model, pc)
-    elif config.schedule == "agp" and pc.criterion != "std":
-        steps = config.agp_steps or max(1, round(0.4 * config.prune_epochs))
-        agp = AGPConfig(initial_sparsity=min(config.agp_initial, pc.sparsity), steps=steps)
-        prune_agp(model, task, pc, agp, _train_config(config))
-    else:
-        rounds = 1 if config.schedule == "oneshot" else config.rounds
-        prune_iterative(model, task, pc, IterativeConfig(rounds=rounds), _train_config(config))
+        return bake(model)
+    settings = {"rounds": config.rounds, "initial_sparsity": min(config.agp_initial, pc.sparsity),
+                "steps": config.agp_steps or max(1, round(0.4 * config.prune_epochs))}
+    schedule = schedules.make(config.schedule, **settings)
+    if not schedule.accepts(pc):  # AGP cannot drive the std rule: the paper's rounds instead
+        schedule = schedules.make("iterative", **settings)
+    schedule.run(model, task, pc, _train_config(config))
     return bake(model)
 
 
@@ -302,7 +302,8 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
     """Data-free compression of a stream of named tensors, one at a time (memory per tensor).
 
     Floating tensors with two or more dimensions (weights of linear, conv and embedding layers)
-    are pruned if asked and shared into 2^bits clusters; others pass unchanged. A row per tensor
+    are pruned if asked (by magnitude, each tensor on its own: 'global' acts as 'layer' here)
+    and shared into 2^bits clusters; others pass unchanged. A row per tensor
     (with its relative L2 error and SQNR) is appended to `rows`.
     """
     bits = config.bits if config.bits is not None else 8
@@ -310,6 +311,9 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
         raise CompressError(f"bits {bits!r}: without a task give one number of bits, 1 to 8")
     if isinstance(config.sparsity, dict):
         raise CompressError("per-layer sparsity needs a model; without a task give one number")
+    if config.prunes and criteria.get(config.criterion).needs_data:
+        raise CompressError(f"criterion {config.criterion!r}: needs data; give a task, or use "
+                            "criterion 'magnitude'")
     return _compress_tensors(items, config, rows, 1 << int(bits), config.init or "optimal")
 
 

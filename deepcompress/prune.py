@@ -1,4 +1,8 @@
-"""Stage 1: magnitude pruning with masks held as parametrizations, and prune/retrain schedules.
+"""Stage 1: pruning with masks held as parametrizations.
+
+What to prune is a `PruneConfig`: a criterion (deepcompress.criteria: how important each weight
+is), an allocation (deepcompress.allocation: how many to keep in which layer) and the layers to
+touch; when to prune, with retraining, is a schedule (deepcompress.schedules).
 
 A pruned layer's weight becomes ``original * mask``: the mask is a buffer of the `Mask`
 parametrization, so it follows deepcopy, pickling, state_dict and ``.to()``, and the effective
@@ -7,6 +11,7 @@ weight of a pruned connection is exactly zero whatever an optimizer does to ``or
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
@@ -15,16 +20,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from deepcompress import allocation, criteria
+from deepcompress.allocation import (
+    check_sparsity,
+    keep_above_std,
+    keep_fraction,
+    keep_fraction_across,
+)
+from deepcompress.criteria import Context
 from deepcompress.errors import CompressError
 from deepcompress.parametrize import attach, chain, find, original
-from deepcompress.tasks import Task
-from deepcompress.train import TrainConfig, fit
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
-CRITERIA = ("std", "sparsity", "global")
+# The old single `criterion` word of PruneConfig, now split into criterion and allocation.
+OLD_CRITERIA = {"std": "std", "sparsity": "layer", "global": "global"}
 
 
 class Mask(nn.Module):
@@ -39,24 +51,22 @@ class Mask(nn.Module):
         return x * self.mask
 
 
-def _check_sparsity(value: float, what: str) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise CompressError(f"{what} {value!r}: sparsity must be in [0, 1); e.g. 0.9 prunes 90% of weights")
-
-
 @dataclass
 class PruneConfig:
     """What to prune and how much.
 
-    criterion 'std': prune |w| < quality * std(w) per layer (Han et al.); 'sparsity': prune exactly
-    the fraction `sparsity` of each layer; 'global': prune the fraction `sparsity` of all selected
-    weights together by magnitude. `layers` maps fnmatch patterns to per-layer values (a quality
-    for 'std', a sparsity otherwise; under 'global' those layers are pruned on their own and the
-    rest share the global budget); the first matching pattern wins, and a layer named there is
-    pruned even if smaller than min_weights.
+    criterion (deepcompress.criteria: magnitude, taylor) scores the weights; allocation
+    (deepcompress.allocation) turns scores into masks: 'layer' prunes the fraction `sparsity` of
+    each layer, 'global' the fraction `sparsity` of all selected weights together, 'std' prunes
+    |score| < quality * std per layer (Han et al.). `layers` maps fnmatch patterns to per-layer
+    targets (a quality for 'std', a sparsity otherwise; under 'global' those layers are pruned on
+    their own and the rest share the global budget); the first matching pattern wins, and a layer
+    named there is pruned even if smaller than min_weights. The old `criterion` values 'std',
+    'sparsity' and 'global' still work (as allocation std, layer and global), with a warning.
     """
 
-    criterion: str = "sparsity"
+    criterion: str = "magnitude"
+    allocation: str = "layer"
     sparsity: float = 0.9
     quality: float = 1.0
     layers: dict[str, float] = field(default_factory=dict)
@@ -67,17 +77,22 @@ class PruneConfig:
     min_weights: int = 1000
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise CompressError(f"criterion {self.criterion!r}: unknown; use one of {', '.join(CRITERIA)}")
-        _check_sparsity(self.sparsity, "sparsity")
-        if not self.quality >= 0:
-            raise CompressError(f"quality {self.quality!r}: must be >= 0; e.g. 1.0 prunes |w| < 1 std")
+        if self.criterion in OLD_CRITERIA:
+            warnings.warn(f"PruneConfig(criterion={self.criterion!r}) is deprecated: use "
+                          f"allocation={OLD_CRITERIA[self.criterion]!r} (criterion is now what "
+                          "scores weights: magnitude or taylor)", DeprecationWarning, stacklevel=3)
+            self.criterion, self.allocation = "magnitude", OLD_CRITERIA[self.criterion]
+        criteria.get(self.criterion)
+        rule = allocation.get(self.allocation)()
+        check_sparsity(self.sparsity, "sparsity")
+        allocation.get("std")().check(self.quality, "quality")
         for pattern, value in self.layers.items():
-            if self.criterion == "std":
-                if not value >= 0:
-                    raise CompressError(f"layer {pattern!r} quality {value!r}: must be >= 0")
-            else:
-                _check_sparsity(value, f"layer {pattern!r} sparsity")
+            rule.check(value, f"layer {pattern!r} {rule.target}")
+
+    @property
+    def target(self) -> float:
+        """The allocation's default target: sparsity, or quality under 'std'."""
+        return getattr(self, allocation.get(self.allocation).target)
 
 
 @dataclass
@@ -141,52 +156,31 @@ def select_layers(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]
 
 def sparsity_mask(weight: Tensor, sparsity: float) -> Tensor:
     """0/1 mask pruning exactly round(sparsity * numel) smallest-magnitude entries (ties by index)."""
-    _check_sparsity(sparsity, "sparsity")
-    flat = weight.detach().abs().flatten()
-    k = math.floor(sparsity * flat.numel() + 0.5)
-    mask = torch.ones_like(flat)
-    mask[torch.argsort(flat, stable=True)[:k]] = 0
-    return mask.view_as(weight)
+    return keep_fraction(weight, sparsity)
 
 
 def std_mask(weight: Tensor, quality: float) -> Tensor:
     """0/1 mask pruning entries with |w| below quality times the layer's weight std (Han et al.)."""
-    w = weight.detach()
-    return (w.abs() >= quality * w.float().std()).to(w.dtype)
+    return keep_above_std(weight, quality)
 
 
 def global_masks(weights: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
     """0/1 masks pruning exactly round(sparsity * total) smallest-magnitude weights across all layers."""
-    _check_sparsity(sparsity, "sparsity")
-    flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
-    k = math.floor(sparsity * flat.numel() + 0.5)
-    keep = torch.ones_like(flat)
-    keep[torch.argsort(flat, stable=True)[:k]] = 0
-    parts = keep.split([w.numel() for w in weights.values()])
-    return {name: p.view_as(w).to(w.dtype) for (name, w), p in zip(weights.items(), parts, strict=True)}
+    return keep_fraction_across(weights, sparsity)
 
 
-def compute_masks(model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
-    """Masks config would give model's current (effective) weights; does not change the model."""
+def compute_masks(model: nn.Module, config: PruneConfig, context: Context | None = None) -> dict[str, Tensor]:
+    """Masks config would give model's current (effective) weights; does not change the model.
+
+    context carries what a data-driven criterion needs (see criteria.Context.from_task).
+    """
     layers = select_layers(model, config)
-    weights = {name: m.weight.detach() for name, m in layers.items()}
-    overrides = {name: _override(name, config) for name in layers}
-    if config.criterion == "std":
-        return {
-            name: std_mask(w, config.quality if overrides[name] is None else overrides[name])
-            for name, w in weights.items()
-        }
-    if config.criterion == "sparsity":
-        return {
-            name: sparsity_mask(w, config.sparsity if overrides[name] is None else overrides[name])
-            for name, w in weights.items()
-        }
-    masks = {name: sparsity_mask(w, overrides[name]) for name, w in weights.items()
-             if overrides[name] is not None}
-    rest = {name: w for name, w in weights.items() if overrides[name] is None}
-    if rest:
-        masks.update(global_masks(rest, config.sparsity))
-    return {name: masks[name] for name in weights}
+    context = context if context is not None else Context(model=model)
+    criterion = criteria.get(config.criterion)()
+    saliencies = {name: criterion.saliency(name, m, context) for name, m in layers.items()}
+    overrides = {name: value for name in layers if (value := _override(name, config)) is not None}
+    masks = allocation.get(config.allocation)().masks(saliencies, overrides, config.target)
+    return {name: masks[name].to(m.weight.dtype).expand_as(m.weight).contiguous() for name, m in layers.items()}
 
 
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
@@ -218,9 +212,9 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
                 original(module, "weight").mul_(existing.mask)
 
 
-def prune(model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
-    """Compute masks for model under config, install them, and return them by layer name."""
-    masks = compute_masks(model, config)
+def prune(model: nn.Module, config: PruneConfig, context: Context | None = None) -> dict[str, Tensor]:
+    """Compute masks for model under config (and context), install them, return them by layer name."""
+    masks = compute_masks(model, config, context)
     apply_masks(model, masks)
     return {name: find(m, "weight", Mask).mask for name, m in model.named_modules() if name in masks}
 
@@ -264,115 +258,19 @@ def rescale_dropout(model: nn.Module, before: dict[str, float], after: dict[str,
 
 
 def map_targets(config: PruneConfig, fn: Callable[[float], float]) -> PruneConfig:
-    """Copy of config with fn applied to the overall and every per-layer sparsity (or quality)."""
-    if config.criterion == "std":
-        return replace(config, quality=fn(config.quality),
-                       layers={k: fn(v) for k, v in config.layers.items()})
-    return replace(config, sparsity=fn(config.sparsity),
+    """Copy of config with fn applied to the allocation's target (sparsity or quality) and every per-layer one."""
+    key = allocation.get(config.allocation).target
+    return replace(config, **{key: fn(getattr(config, key))},
                    layers={k: fn(v) for k, v in config.layers.items()})
 
 
-@dataclass
-class IterativeConfig:
-    """Prune-retrain rounds; round r of R prunes to density final_density ** (r / R).
-
-    With the 'std' criterion round r uses quality * r / R instead.
-    """
-
-    rounds: int = 3
-    rescale_dropout: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise CompressError(f"rounds {self.rounds}: need at least 1 prune-retrain round")
+_MOVED = ("AGPConfig", "IterativeConfig", "agp_hook", "agp_sparsity", "prune_agp", "prune_iterative",
+          "prune_one_shot")
 
 
-def _round_target(config: PruneConfig, fraction: float) -> PruneConfig:
-    if config.criterion == "std":
-        return map_targets(config, lambda q: q * fraction)
-    return map_targets(config, lambda s: 1.0 - (1.0 - s) ** fraction)
-
-
-def _densities(model: nn.Module) -> dict[str, float]:
-    return {s.name: s.density for s in layer_stats(model)}
-
-
-def prune_iterative(
-    model: nn.Module, task: Task, config: PruneConfig, schedule: IterativeConfig, train: TrainConfig
-) -> list[dict]:
-    """Alternate pruning with growing sparsity and retraining (Han et al.); return the history."""
-    history: list[dict] = []
-    for r in range(1, schedule.rounds + 1):
-        before = _densities(model)
-        masks = prune(model, _round_target(config, r / schedule.rounds))
-        if schedule.rescale_dropout:
-            after = _densities(model)
-            rescale_dropout(model, before, {n: after[n] for n in masks})
-        rows = fit(model, task, replace(train, seed=train.seed + r))
-        history.extend({**row, "round": r} for row in rows)
-    return history
-
-
-def prune_one_shot(model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
-    """Prune once to the final sparsity, then retrain; return the history."""
-    return prune_iterative(model, task, config, IterativeConfig(rounds=1), train)
-
-
-@dataclass
-class AGPConfig:
-    """Zhu & Gupta's cubic schedule: from initial_sparsity at epoch start to the target over steps * every epochs."""
-
-    initial_sparsity: float = 0.0
-    start_epoch: int = 0
-    steps: int = 10
-    every: int = 1
-
-    def __post_init__(self) -> None:
-        _check_sparsity(self.initial_sparsity, "initial_sparsity")
-        if self.start_epoch < 0 or self.steps < 1 or self.every < 1:
-            raise CompressError(
-                f"AGPConfig(start_epoch={self.start_epoch}, steps={self.steps}, every={self.every}): "
-                "need start_epoch >= 0, steps >= 1, every >= 1"
-            )
-
-    @property
-    def end_epoch(self) -> int:
-        """Epoch count after which the final sparsity is reached."""
-        return self.start_epoch + self.steps * self.every
-
-
-def agp_sparsity(t: float, final: float, agp: AGPConfig) -> float:
-    """s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3, clamped to [t0, t0 + n * dt]."""
-    initial = min(agp.initial_sparsity, final)
-    progress = min(max((t - agp.start_epoch) / (agp.steps * agp.every), 0.0), 1.0)
-    return final + (initial - final) * (1.0 - progress) ** 3
-
-
-def agp_hook(model: nn.Module, config: PruneConfig, agp: AGPConfig) -> Callable[[int], bool]:
-    """on_epoch_end callback for fit that prunes model along the AGP curve; True when it pruned."""
-    if config.criterion == "std":
-        raise CompressError("criterion 'std': AGP needs target sparsities; use criterion 'sparsity' or 'global'")
-
-    def on_epoch_end(epoch: int) -> bool:
-        t = epoch + 1
-        if t < agp.start_epoch or t > agp.end_epoch or (t - agp.start_epoch) % agp.every:
-            return False
-        prune(model, map_targets(config, lambda s: agp_sparsity(t, s, agp)))
-        return True
-
-    return on_epoch_end
-
-
-def prune_agp(
-    model: nn.Module, task: Task, config: PruneConfig, agp: AGPConfig, train: TrainConfig
-) -> list[dict]:
-    """Train while raising sparsity along the cubic AGP curve, then fine-tune; return the history."""
-    if train.epochs < agp.end_epoch:
-        raise CompressError(
-            f"AGP: schedule ends at epoch {agp.end_epoch} but training has {train.epochs} epochs; "
-            "raise epochs or lower steps/every"
-        )
-    hook = agp_hook(model, config, agp)
-    if agp.start_epoch == 0:
-        prune(model, map_targets(config, lambda s: agp_sparsity(0, s, agp)))
-    return fit(model, task, train, on_epoch_end=hook)
+def __getattr__(name: str) -> object:
+    """The schedules once defined here, now in deepcompress.schedules."""
+    if name in _MOVED:
+        from deepcompress import schedules
+        return getattr(schedules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

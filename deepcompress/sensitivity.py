@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 from tqdm import tqdm
 
+from deepcompress.criteria import Context
 from deepcompress.errors import CompressError
 from deepcompress.prune import PruneConfig, prune, select_layers, sparsity_mask
 from deepcompress.tasks import Task
@@ -47,17 +48,24 @@ def analyze(
     split: str = "val",
     quiet: bool = True,
 ) -> SensitivityResult:
-    """Metric on split after pruning each selected layer alone to each sparsity (no retraining)."""
+    """Metric on split after pruning each selected layer alone to each sparsity (no retraining).
+
+    Weights are ranked by config.criterion (magnitude by default; taylor reads training batches
+    of task); config's allocation and targets are not used.
+    """
     config = config or PruneConfig()
     layers = select_layers(model, config)
     values = parse_sparsities(",".join(str(s) for s in sparsities))
     scores: dict[str, list[float]] = {name: [] for name in layers}
+    context = Context.from_task(model, task)  # every trial starts from model's weights
     with tqdm(total=len(layers) * len(values), disable=quiet, desc="sensitivity", leave=False) as bar:
         for name in layers:
             for sparsity in values:
                 trial = copy.deepcopy(model)
-                prune(trial, PruneConfig(criterion="sparsity", sparsity=sparsity, include=(name,),
-                                         types=config.types, embeddings=config.embeddings, min_weights=0))
+                alone = PruneConfig(criterion=config.criterion, allocation="layer", sparsity=sparsity,
+                                    include=(name,), types=config.types, embeddings=config.embeddings,
+                                    min_weights=0)
+                prune(trial, alone, context)
                 scores[name].append(evaluate(trial, task, split))
                 bar.update(1)
     return SensitivityResult(
@@ -98,7 +106,7 @@ def thresholds(model: nn.Module, sparsities: dict[str, float]) -> dict[str, floa
 def prune_config(result: SensitivityResult, tolerance: float, **kwargs) -> PruneConfig:
     """PruneConfig pruning each analysed layer to its tolerated sparsity (extra kwargs passed on)."""
     chosen = tolerated_sparsities(result, tolerance)
-    return PruneConfig(criterion="sparsity", sparsity=0.0, layers=chosen, **kwargs)
+    return PruneConfig(**{"allocation": "layer", **kwargs, "sparsity": 0.0, "layers": chosen})
 
 
 def to_dict(result: SensitivityResult, tolerance: float | None = None) -> dict:

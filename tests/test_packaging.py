@@ -22,7 +22,7 @@ def test_wheel_contains_subpackages(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp_path), str(ROOT)],
-        check=True,
+        check=True, timeout=300,
     )
     (wheel,) = tmp_path.glob("deepcompress-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

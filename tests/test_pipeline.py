@@ -86,3 +86,63 @@ def test_data_free_streams_one_tensor_at_a_time():
     assert rows[0].sqnr_db > 10 and rows[3].clusters == 0
     with pytest.raises(CompressError, match="bits"):
         compress_tensors(items(), CompressConfig(bits="conv=4"), [])
+
+
+# --- pruning vocabulary: criterion x allocation x schedule ---------------------------------
+
+def test_pruning_words_default_and_resolve():
+    assert (CompressConfig().criterion, CompressConfig().allocation) == ("magnitude", "global")
+    assert CompressConfig(quality=1.0).allocation == "std"
+    assert CompressConfig(sparsity=0.9, allocation="layer").allocation == "layer"
+    for kwargs, word in [({"criterion": "obd"}, "magnitude, taylor"),
+                         ({"allocation": "even"}, "global, layer, std"),
+                         ({"schedule": "weekly"}, "iterative, oneshot, agp"),
+                         ({"allocation": "std", "sparsity": 0.9}, "give quality"),
+                         ({"allocation": "layer", "quality": 1.0}, "give sparsity")]:
+        with pytest.raises(CompressError, match=word):
+            CompressConfig(**kwargs)
+
+
+@pytest.mark.parametrize("old", ["global", "layer"])
+def test_old_criterion_key_maps_to_allocation(tmp_path, old):
+    path = tmp_path / "c.toml"
+    path.write_text(f'sparsity = 0.9\ncriterion = "{old}"\n')
+    with pytest.warns(FutureWarning, match=f"write allocation = '{old}'"):
+        config = load_config(path)
+    assert (config.criterion, config.allocation) == ("magnitude", old)
+    with pytest.raises(CompressError, match="conflicts"):
+        CompressConfig(criterion=old, allocation="std", quality=1.0)
+
+
+def test_benchmark_configs_use_the_new_words():
+    import tomllib
+    import warnings
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.toml")):
+        settings = tomllib.loads(path.read_text())["compress"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config = CompressConfig(**settings)
+        assert (config.criterion, config.allocation, config.schedule) == ("magnitude", "global", "agp")
+
+
+def test_compress_with_taylor_and_layer_allocation():
+    task = load_task("digits")
+    torch.manual_seed(0)
+    model, report = compress(task.build_model(), task, CompressConfig(
+        sparsity=0.8, criterion="taylor", allocation="layer", schedule="oneshot", bits=4,
+        prune_epochs=1, finetune_epochs=0, quiet=True))
+    pruned = report.stages[1]
+    assert pruned.nonzero == pytest.approx(0.2 * pruned.weights, abs=3)
+    assert report.config["criterion"] == "taylor" and report.config["allocation"] == "layer"
+
+
+def test_data_free_refuses_a_criterion_that_needs_data(trained):
+    from deepcompress.pipeline import prune_stage
+
+    config = CompressConfig(sparsity=0.5, criterion="taylor")
+    with pytest.raises(CompressError, match="taylor.*needs data"):
+        compress_tensors(iter([]), config, [])
+    with pytest.raises(CompressError, match="needs data"):
+        prune_stage(__import__("copy").deepcopy(trained), None, config)

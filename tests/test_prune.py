@@ -1,15 +1,13 @@
-"""Magnitude pruning: masks, criteria, schedules, bake, DDP, bad input."""
+"""Magnitude pruning: masks, allocations, schedules, bake, DDP, bad input."""
 import copy
 import io
 import math
 import os
 import pickle
-import socket
 
 import pytest
+import spawn  # tests/spawn.py
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,24 +17,26 @@ from deepcompress.bake import bake
 from deepcompress.errors import CompressError
 from deepcompress.models import digits_mlp, lenet5
 from deepcompress.prune import (
-    AGPConfig,
-    IterativeConfig,
     Mask,
     PruneConfig,
-    agp_sparsity,
     compute_masks,
     global_masks,
     layer_stats,
     masks_of,
     overall_density,
     prune,
-    prune_agp,
-    prune_iterative,
-    prune_one_shot,
     rescale_dropout,
     select_layers,
     sparsity_mask,
     std_mask,
+)
+from deepcompress.schedules import (
+    AGPConfig,
+    IterativeConfig,
+    agp_sparsity,
+    prune_agp,
+    prune_iterative,
+    prune_one_shot,
 )
 from deepcompress.train import TrainConfig, evaluate
 
@@ -133,7 +133,7 @@ def test_prune_again_only_grows_sparsity(model):
     assert len(model.fc1.parametrizations.weight) == 1  # updated, not stacked
 
 
-# --- criteria -------------------------------------------------------------------------------
+# --- allocations of magnitude -------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
 @given(
@@ -168,16 +168,16 @@ def test_global_solver_is_exact(sizes, sparsity, seed):
         assert dropped.max() <= kept.min()
 
 
-def test_std_criterion_uses_quality_times_std(model):
+def test_std_allocation_uses_quality_times_std(model):
     w = model.fc2.weight.detach().clone()
-    masks = compute_masks(model, PruneConfig(criterion="std", quality=0.8, layers={"fc3": 0.2}))
+    masks = compute_masks(model, PruneConfig(allocation="std", quality=0.8, layers={"fc3": 0.2}))
     assert torch.equal(masks["fc2"], (w.abs() >= 0.8 * w.std()).float())
     assert torch.equal(masks["fc3"], std_mask(model.fc3.weight, 0.2))
     assert 0.3 < float((masks["fc2"] == 0).float().mean()) < 0.8
 
 
-def test_global_criterion_with_override(model):
-    masks = compute_masks(model, PruneConfig(criterion="global", sparsity=0.9, layers={"fc3": 0.5}))
+def test_global_allocation_with_override(model):
+    masks = compute_masks(model, PruneConfig(allocation="global", sparsity=0.9, layers={"fc3": 0.5}))
     assert int((masks["fc3"] == 0).sum()) == 500
     pruned = int((masks["fc1"] == 0).sum() + (masks["fc2"] == 0).sum())
     assert pruned == round(0.9 * (19200 + 30000))
@@ -210,6 +210,7 @@ def test_conv_transpose_and_conv1d_are_prunable():
     ({"sparsity": 1.0}, "sparsity"),
     ({"sparsity": -0.1}, "sparsity"),
     ({"criterion": "random"}, "criterion"),
+    ({"allocation": "random"}, "allocation"),
     ({"layers": {"fc1": 1.5}}, "fc1"),
     ({"quality": -1.0}, "quality"),
 ])
@@ -236,7 +237,7 @@ def test_model_without_prunable_layer_raises():
 
 def test_agp_rejects_std_and_short_training(model, task):
     with pytest.raises(CompressError, match="std"):
-        prune_agp(model, task, PruneConfig(criterion="std"), AGPConfig(steps=1), QUICK)
+        prune_agp(model, task, PruneConfig(allocation="std"), AGPConfig(steps=1), QUICK)
     with pytest.raises(CompressError, match="epochs"):
         prune_agp(model, task, PruneConfig(), AGPConfig(steps=5), QUICK)
 
@@ -281,15 +282,15 @@ def test_bake_or_prune_on_a_copy_leaves_the_original_intact(model, task):
 # --- schedules on digits ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [
-    PruneConfig(criterion="sparsity", sparsity=0.8),
-    PruneConfig(criterion="global", sparsity=0.8),
-    PruneConfig(criterion="std", quality=1.0),
+    PruneConfig(allocation="layer", sparsity=0.8),
+    PruneConfig(allocation="global", sparsity=0.8),
+    PruneConfig(allocation="std", quality=1.0),
 ])
-def test_one_shot_each_criterion_retrains(model, task, config):
+def test_one_shot_each_allocation_retrains(model, task, config):
     history = prune_one_shot(model, task, config, QUICK)
     assert len(history) == 2 and all(row["round"] == 1 for row in history)
     stats = layer_stats(model)
-    if config.criterion != "std":
+    if config.allocation != "std":
         assert overall_density(stats) == pytest.approx(0.2, abs=1e-4)
     else:
         assert 0.3 < overall_density(stats) < 0.8
@@ -350,42 +351,30 @@ def test_iterative_with_dropout_rescaling(task):
 
 # --- DistributedDataParallel ------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _ddp_worker(rank, world, port, out):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = digits_mlp()
-        with torch.no_grad():  # ranks disagree on weights: masks must still agree
-            model.fc1.weight.add_(torch.randn_like(model.fc1.weight) * rank)
-        prune(model, PruneConfig(sparsity=0.8))
-        first = {k: v.clone() for k, v in masks_of(model).items()}
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        g = torch.Generator().manual_seed(rank)  # each rank sees different data
-        for step in range(6):
-            if step == 3:
-                prune(ddp, PruneConfig(sparsity=0.9))
-            x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
-            opt.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-        torch.save({"first": first, "masks": {k: v.clone() for k, v in masks_of(model).items()},
-                    "weights": effective(model)}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, out):
+    torch.manual_seed(0)
+    model = digits_mlp()
+    with torch.no_grad():  # ranks disagree on weights: masks must still agree
+        model.fc1.weight.add_(torch.randn_like(model.fc1.weight) * rank)
+    prune(model, PruneConfig(sparsity=0.8))
+    first = {k: v.clone() for k, v in masks_of(model).items()}
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)  # each rank sees different data
+    for step in range(6):
+        if step == 3:
+            prune(ddp, PruneConfig(sparsity=0.9))
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    torch.save({"first": first, "masks": {k: v.clone() for k, v in masks_of(model).items()},
+                "weights": effective(model)}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_ddp_two_ranks_keep_identical_masks_and_zeros(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn.run(_ddp_worker, 2, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert set(r0["masks"]) == {"fc1", "fc2", "fc3"}
     assert torch.equal(r0["first"]["fc1"], r1["first"]["fc1"])  # before DDP could sync buffers

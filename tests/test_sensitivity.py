@@ -130,3 +130,18 @@ def test_cli_rejects_unbaked_state_dict(trained, tmp_path):
 def test_cli_missing_model_file(tmp_path):
     out = CliRunner().invoke(sensitivity, [str(tmp_path / "none.pt"), "--task", "digits"])
     assert out.exit_code == 2 and "no such file" in out.output
+
+
+def test_analyze_and_cli_take_a_criterion(trained, task, saved):
+    from deepcompress.prune import PruneConfig
+
+    taylor = analyze(trained, task, [0.9], PruneConfig(criterion="taylor"))
+    assert set(taylor.scores) == {"fc1", "fc2", "fc3"}
+    runner = CliRunner()
+    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--sparsities", "0.9",
+                                      "--criterion", "taylor", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["layers"]["fc1"]["scores"] == taylor.scores["fc1"] and "thresholds" not in data
+    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--criterion", "obd"])
+    assert out.exit_code == 2 and "magnitude, taylor" in out.output

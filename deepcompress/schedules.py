@@ -1,0 +1,193 @@
+"""Pruning schedules: when to prune while retraining ('oneshot', 'iterative', 'agp').
+
+A schedule composes with any criterion and allocation: each pruning step calls `prune` with a
+fresh `criteria.Context` over the task (so data-driven criteria see the current weights), and
+moves the allocation's target along the schedule with `map_targets` / `Allocation.ramp`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
+
+from torch import nn
+
+from deepcompress import allocation
+from deepcompress.allocation import check_sparsity
+from deepcompress.criteria import Context
+from deepcompress.errors import CompressError
+from deepcompress.prune import PruneConfig, layer_stats, map_targets, prune, rescale_dropout
+from deepcompress.registry import Registry
+from deepcompress.tasks import Task
+from deepcompress.train import TrainConfig, fit
+
+
+def context_for(model: nn.Module, task: Task, train: TrainConfig) -> Context:
+    """The context each pruning step of a schedule gives the criterion: a few training batches."""
+    return Context.from_task(model, task, batch_size=train.batch_size)
+
+
+class Schedule:
+    """When to prune during retraining; subclasses set name and implement run."""
+
+    name: ClassVar[str]
+
+    def accepts(self, config: PruneConfig) -> bool:
+        """Whether this schedule can drive config's allocation."""
+        return True
+
+    def run(self, model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
+        """Prune model in place as config says while training on task; return the training history."""
+        raise NotImplementedError
+
+
+registry: Registry[type[Schedule]] = Registry("schedule")
+register = registry.register
+get = registry.get
+names = registry.names
+
+
+def make(name: str, **settings: object) -> Schedule:
+    """The schedule registered as name, built from those of settings it has fields for."""
+    cls = get(name)
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+def _densities(model: nn.Module) -> dict[str, float]:
+    return {s.name: s.density for s in layer_stats(model)}
+
+
+@register
+@dataclass
+class Iterative(Schedule):
+    """Prune-retrain rounds (Han et al.); round r of R moves the target r/R of the way.
+
+    Density goes geometrically, final_density ** (r / R); under 'std' quality goes linearly.
+    """
+
+    rounds: int = 3
+    rescale_dropout: bool = False
+    name: ClassVar[str] = "iterative"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise CompressError(f"rounds {self.rounds}: need at least 1 prune-retrain round")
+
+    def run(self, model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
+        """Alternate pruning with growing sparsity and retraining; return the history."""
+        rule = allocation.get(config.allocation)()
+        history: list[dict] = []
+        for r in range(1, self.rounds + 1):
+            before = _densities(model)
+            target = map_targets(config, lambda v, f=r / self.rounds: rule.ramp(v, f))
+            masks = prune(model, target, context_for(model, task, train))
+            if self.rescale_dropout:
+                after = _densities(model)
+                rescale_dropout(model, before, {n: after[n] for n in masks})
+            rows = fit(model, task, replace(train, seed=train.seed + r))
+            history.extend({**row, "round": r} for row in rows)
+        return history
+
+
+@register
+@dataclass
+class OneShot(Schedule):
+    """Prune once to the final target, then retrain."""
+
+    rescale_dropout: bool = False
+    name: ClassVar[str] = "oneshot"
+
+    def run(self, model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
+        """One round of the iterative schedule."""
+        return Iterative(1, self.rescale_dropout).run(model, task, config, train)
+
+
+def agp_sparsity(t: float, final: float, agp: AGP) -> float:
+    """s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3, clamped to [t0, t0 + n * dt]."""
+    initial = min(agp.initial_sparsity, final)
+    progress = min(max((t - agp.start_epoch) / (agp.steps * agp.every), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+@register
+@dataclass
+class AGP(Schedule):
+    """Zhu & Gupta's cubic schedule: from initial_sparsity at epoch start to the target over steps * every epochs."""
+
+    initial_sparsity: float = 0.0
+    start_epoch: int = 0
+    steps: int = 10
+    every: int = 1
+    name: ClassVar[str] = "agp"
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.initial_sparsity, "initial_sparsity")
+        if self.start_epoch < 0 or self.steps < 1 or self.every < 1:
+            raise CompressError(
+                f"AGP(start_epoch={self.start_epoch}, steps={self.steps}, every={self.every}): "
+                "need start_epoch >= 0, steps >= 1, every >= 1"
+            )
+
+    @property
+    def end_epoch(self) -> int:
+        """Epoch count after which the final sparsity is reached."""
+        return self.start_epoch + self.steps * self.every
+
+    def accepts(self, config: PruneConfig) -> bool:
+        """Only allocations whose target is a sparsity (not 'std', whose target is a quality)."""
+        return allocation.get(config.allocation).target == "sparsity"
+
+    def run(self, model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
+        """Train while raising sparsity along the cubic curve, then fine-tune; return the history."""
+        if train.epochs < self.end_epoch:
+            raise CompressError(
+                f"AGP: schedule ends at epoch {self.end_epoch} but training has {train.epochs} epochs; "
+                "raise epochs or lower steps/every"
+            )
+        hook = agp_hook(model, config, self, task, train)
+        if self.start_epoch == 0:
+            prune(model, map_targets(config, lambda s: agp_sparsity(0, s, self)), context_for(model, task, train))
+        return fit(model, task, train, on_epoch_end=hook)
+
+
+def agp_hook(model: nn.Module, config: PruneConfig, agp: AGP, task: Task | None = None,
+             train: TrainConfig | None = None) -> Callable[[int], bool]:
+    """on_epoch_end callback for fit that prunes model along the AGP curve; True when it pruned.
+
+    With a task, each step's criterion context holds its training batches (for taylor).
+    """
+    if not agp.accepts(config):
+        raise CompressError(f"allocation {config.allocation!r}: AGP needs target sparsities; "
+                            "use allocation 'layer' or 'global'")
+
+    def on_epoch_end(epoch: int) -> bool:
+        t = epoch + 1
+        if t < agp.start_epoch or t > agp.end_epoch or (t - agp.start_epoch) % agp.every:
+            return False
+        context = context_for(model, task, train or TrainConfig()) if task is not None else None
+        prune(model, map_targets(config, lambda s: agp_sparsity(t, s, agp)), context)
+        return True
+
+    return on_epoch_end
+
+
+IterativeConfig = Iterative  # the names of these schedules before the registry
+AGPConfig = AGP
+
+
+def prune_iterative(model: nn.Module, task: Task, config: PruneConfig, schedule: Iterative,
+                    train: TrainConfig) -> list[dict]:
+    """Alternate pruning with growing sparsity and retraining (Han et al.); return the history."""
+    return schedule.run(model, task, config, train)
+
+
+def prune_one_shot(model: nn.Module, task: Task, config: PruneConfig, train: TrainConfig) -> list[dict]:
+    """Prune once to the final sparsity, then retrain; return the history."""
+    return OneShot().run(model, task, config, train)
+
+
+def prune_agp(model: nn.Module, task: Task, config: PruneConfig, agp: AGP,
+              train: TrainConfig) -> list[dict]:
+    """Train while raising sparsity along the cubic AGP curve, then fine-tune; return the history."""
+    return agp.run(model, task, config, train)
