@@ -26,6 +26,7 @@ from common import MODELS, dense_model
 import deepcompress
 from deepcompress.formats.summary import summarize
 from deepcompress.pipeline import CompressConfig, compress
+from deepcompress.plots import plot_summary
 from deepcompress.tasks import load_task
 from deepcompress.train import evaluate
 
@@ -138,8 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.model, args.data_dir, config.resolve(), Path(tmp))
         if args.plot:
-            from deepcompress.cli.inspect_cmd import plot
-            plot(summarize(Path(tmp) / f"{args.model}.dcz"), args.plot)
+            plot_summary(summarize(Path(tmp) / f"{args.model}.dcz"), args.plot)
     print(render(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

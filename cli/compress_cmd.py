@@ -5,28 +5,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
 
 import deepcompress
+from deepcompress import allocation as _allocation
+from deepcompress import criteria as _criteria
+from deepcompress import schedules as _schedules
 from deepcompress.errors import CompressError
-from deepcompress.formats.readers import is_dcz, iter_safetensors, read_model
+from deepcompress.files import compress_file
+from deepcompress.formats.readers import is_dcz, read_model
 from deepcompress.inputs import build_model
-from deepcompress.pipeline import (
-    CompressConfig,
-    LayerRow,
-    Report,
-    Stage,
-    compress_tensors,
-    load_config,
-    parse_sparsity,
-    render_report,
-)
-from deepcompress.pipeline import compress as run_pipeline
+from deepcompress.pipeline import CompressConfig, load_config, parse_sparsity, render_report
 from deepcompress.tasks import load_task
 from deepcompress.train import evaluate as task_metric
 
@@ -39,10 +31,6 @@ def check_output(out: str, force: bool) -> Path:
     if path.exists() and not force:
         raise CompressError(f"{out}: already exists; pass --force to overwrite")
     return path
-
-
-def _bar(total: int, quiet: bool, desc: str) -> tqdm:
-    return tqdm(total=total, disable=quiet, desc=desc, unit="tensor", leave=False)
 
 
 @click.command()
@@ -63,8 +51,15 @@ def _bar(total: int, quiet: bool, desc: str) -> tqdm:
               "Default conv=8,linear=5 with a task, 8 without. Example: --bits conv=8,linear=4")
 @click.option("--init", help="k-means initialisation: linear, density, random, kmeans++, "
               "optimal. Default linear with a task, optimal without. Example: --init optimal")
-@click.option("--schedule", type=click.Choice(["iterative", "oneshot", "agp"]),
-              help="Pruning schedule with a task. Example: --schedule agp")
+@click.option("--criterion", type=click.Choice(_criteria.names()),
+              help="What ranks the weights for pruning: magnitude (|w|, no data), taylor "
+              "(|grad x w|, a few training batches of the task). Example: --criterion taylor")
+@click.option("--allocation", type=click.Choice(_allocation.names()),
+              help="How many to prune where: global (one threshold across layers; default), "
+              "layer (the same fraction of each), std (with --quality). Example: --allocation layer")
+@click.option("--schedule", type=click.Choice(_schedules.names()),
+              help="When to prune, with a task: agp (cubic ramp while training; default), "
+              "iterative (the paper's prune-retrain rounds), oneshot. Example: --schedule agp")
 @click.option("--rounds", type=int, help="Prune-retrain rounds (iterative). Example: --rounds 3")
 @click.option("--prune-epochs", type=int, help="Retraining epochs per pruning round. "
               "Example: --prune-epochs 4")
@@ -86,9 +81,10 @@ def _bar(total: int, quiet: bool, desc: str) -> tqdm:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compress(input_path: str, output: str, task: str | None, data_dir: str | None,
              arch: str | None, sparsity: str | None, quality: float | None, bits: str | None,
-             init: str | None, schedule: str | None, rounds: int | None,
-             prune_epochs: int | None, finetune_epochs: int | None, lr: float | None,
-             seed: int | None, config_file: str | None, report_file: str | None, no_arch: bool,
+             init: str | None, criterion: str | None, allocation: str | None,
+             schedule: str | None, rounds: int | None, prune_epochs: int | None,
+             finetune_epochs: int | None, lr: float | None, seed: int | None,
+             config_file: str | None, report_file: str | None, no_arch: bool,
              unsafe_pickle: bool, force: bool, quiet: bool, as_json: bool) -> None:
     """Compress a model file (.pt/.pth state_dict, .safetensors, .pt2) into a .dcz.
 
@@ -108,78 +104,24 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     out = check_output(output, force)
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
-             "schedule": schedule, "rounds": rounds, "prune_epochs": prune_epochs,
-             "finetune_epochs": finetune_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
+             "criterion": criterion, "allocation": allocation, "schedule": schedule,
+             "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
+             "lr": lr, "seed": seed, "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
     the_task = load_task(task, data_dir) if task else None
-    started = time.perf_counter()
-    defaults = CompressConfig()
-    metadata = {"settings": {k: v for k, v in vars(config).items()
-                             if k != "quiet" and v != getattr(defaults, k)}, "task": task}
-    if the_task is not None:
-        model_file = read_model(input_path, unsafe_pickle=unsafe_pickle)
-        model = build_model(model_file, the_task, arch)
-        if model is None:
-            raise CompressError(f"task {task}: has no model to build; pass --arch module:factory")
-        model, report = run_pipeline(model, the_task, config)
-        program = None if no_arch else deepcompress.export_program(model, the_task.example_input)
-        final = report.stages[-1]
-        metadata.update(val_metric=final.val_metric, test_metric=final.test_metric)
-        with _bar(len(model.state_dict()), config.quiet, "encode") as bar:
-            size = deepcompress.save(model, out, metadata, program=program,
-                                     on_tensor=lambda *_: bar.update(1))
-    else:
-        report, size = _data_free(input_path, out, config, metadata, arch, no_arch, unsafe_pickle)
-    report.stages[-1].bytes = size
-    report.stages[-1].seconds = time.perf_counter() - started
+    report = compress_file(input_path, out, config, the_task, arch=arch,
+                           unsafe_pickle=unsafe_pickle, architecture=not no_arch,
+                           metadata={"task": task})
     if report_file:
         Path(report_file).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "output": str(out), "bytes": size}, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
         return
     if not quiet:
         click.echo(render_report(report))
-    click.echo(f"wrote {out}: {size} bytes, {report.ratio:.1f}x smaller than fp32 "
+    click.echo(f"wrote {out}: {report.bytes} bytes, {report.ratio:.1f}x smaller than fp32 "
                f"({report.stages[0].bytes} bytes)")
-
-
-def _data_free(input_path: str, out: Path, config: CompressConfig, metadata: dict,
-               arch: str | None, no_arch: bool, unsafe_pickle: bool) -> tuple[Report, int]:
-    """Tensor by tensor, without retraining; safetensors are streamed from disk."""
-    path = Path(input_path)
-    streamed = path.name.endswith((".safetensors", ".safetensors.index.json"))
-    model_file = None if streamed else read_model(path, unsafe_pickle=unsafe_pickle)
-    if model_file is not None and arch is not None:
-        build_model(model_file, None, arch)  # checks that the weights fit the architecture
-    if streamed:
-        if not path.is_file():
-            raise CompressError(f"{input_path}: no such file; check the path")
-        items, count = iter_safetensors(path), None
-    else:
-        items, count = model_file.tensors.items(), len(model_file.tensors)
-    dense = 0
-
-    def counted():
-        nonlocal dense
-        for name, tensor in items:
-            dense += 4 * tensor.numel()
-            yield name, tensor
-
-    rows: list[LayerRow] = []
-    program = None
-    if model_file is not None and model_file.program is not None and not no_arch:
-        program = model_file.program
-    stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
-    with _bar(count, config.quiet, "compress") as bar:
-        size = deepcompress.save(stream, out, metadata, program=program,
-                                 on_tensor=lambda *_: bar.update(1))
-    weights = sum(r.weights for r in rows)
-    nonzero = sum(r.nonzero for r in rows)
-    report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
-                            Stage("shared", None, None, weights, nonzero, size, 0.0)],
-                    layers=rows, config=vars(config))
-    return report, size
 
 
 @click.command()

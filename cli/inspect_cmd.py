@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from deepcompress.formats.summary import summarize
+from deepcompress.plots import plot_summary
 
 
 def _kb(n: int) -> str:
@@ -59,28 +59,6 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(s: dict, path: str) -> None:
-    """Per-tensor bytes and bits per weight as a PNG (needs matplotlib: pip install 'deepcompress[plot]')."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise click.UsageError("--plot needs matplotlib: pip install 'deepcompress[plot]'") from None
-    rows = [r for r in s["tensors"] if r["bytes"]]
-    names = [r["name"] for r in rows]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(rows) + 2), 6), sharex=True)
-    a.bar(names, [r["bytes"] for r in rows], color="tab:blue")
-    a.set_ylabel("bytes")
-    a.set_title(f"{Path(s['file']).name}: {s['file_bytes']} B, {s['ratio']:.1f}x vs fp32")
-    b.bar(names, [8 * r["bytes"] / max(r["weights"], 1) for r in rows], color="tab:orange")
-    b.set_ylabel("bits per weight")
-    b.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -100,4 +78,4 @@ def inspect(file: str, as_json: bool, header_only: bool, plot_path: str | None) 
     s = summarize(file, header_only=header_only)
     click.echo(json.dumps(s, indent=2) if as_json else render(s))
     if plot_path:
-        plot(s, plot_path)
+        plot_summary(s, plot_path)

@@ -9,6 +9,8 @@ import torch
 
 from deepcompress import criteria
 from deepcompress.errors import CompressError
+from deepcompress.formats.readers import read_model
+from deepcompress.inputs import build_model
 from deepcompress.prune import PruneConfig
 from deepcompress.sensitivity import (
     analyze,
@@ -19,34 +21,14 @@ from deepcompress.sensitivity import (
     to_dict,
     tolerated_sparsities,
 )
-from deepcompress.tasks import load_object, load_task
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    raise click.exceptions.Exit(2)
+from deepcompress.tasks import load_task
 
 
 def _load_model(path: str, task, arch: str | None) -> torch.nn.Module:
-    factory = load_object(arch, "--arch") if arch else task.build_model
-    if factory is None:
+    """The model in path (any format the readers know), built by --arch or the task's factory."""
+    model = build_model(read_model(path), task, arch)
+    if model is None:
         raise CompressError(f"task {task.name!r}: has no model factory; pass --arch module:factory")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CompressError(f"--arch {arch!r}: factory returned {type(model).__name__}, not a torch.nn.Module")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CompressError(f"{path}: cannot load as a state_dict ({type(exc).__name__}); save with torch.save(model.state_dict(), path)") from None
-    if not isinstance(state, dict):
-        raise CompressError(f"{path}: holds a {type(state).__name__}, not a state_dict; save with torch.save(model.state_dict(), path)")
-    if any(".parametrizations." in key or key.startswith("parametrizations.") for key in state):
-        raise CompressError(f"{path}: holds a parametrized (unbaked) state_dict; save torch.save(bake(model).state_dict(), path)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
-        raise CompressError(f"{path}: does not fit the model ({first.strip()}); pass the matching --task or --arch") from None
     return model
 
 
@@ -70,21 +52,18 @@ def _load_model(path: str, task, arch: str | None) -> torch.nn.Module:
 def sensitivity(model_path: str, task_spec: str, data_dir: str | None, arch: str | None,
                 sparsities: str, tolerance: float, as_json: bool, plot_path: str | None,
                 criterion: str, quiet: bool) -> None:
-    """Prune each layer of MODEL (a .pt state_dict) alone and report the validation metric."""
-    try:
-        if not Path(model_path).is_file():
-            raise CompressError(f"{model_path}: no such file; pass a state_dict saved with torch.save")
-        if not 0 <= tolerance < 1:
-            raise CompressError(f"--tolerance {tolerance}: must be in [0, 1); e.g. 0.01")
-        values = parse_sparsities(sparsities)
-        config = PruneConfig(criterion=criterion)
-        task = load_task(task_spec, data_dir)
-        model = _load_model(model_path, task, arch)
-        result = analyze(model, task, values, config, quiet=quiet)
-        if plot_path:
-            plot(result, plot_path)
-    except CompressError as exc:
-        _fail(str(exc))
+    """Prune each layer of MODEL (.pt, .safetensors or .pt2) alone and report the validation metric."""
+    if not Path(model_path).is_file():
+        raise CompressError(f"{model_path}: no such file; pass a model file (.pt, .safetensors, .pt2)")
+    if not 0 <= tolerance < 1:
+        raise CompressError(f"--tolerance {tolerance}: must be in [0, 1); e.g. 0.01")
+    values = parse_sparsities(sparsities)
+    config = PruneConfig(criterion=criterion)
+    task = load_task(task_spec, data_dir)
+    model = _load_model(model_path, task, arch)
+    result = analyze(model, task, values, config, quiet=quiet)
+    if plot_path:
+        plot(result, plot_path)
     chosen = tolerated_sparsities(result, tolerance)
     if as_json:
         data = to_dict(result, tolerance)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from .errors import CompressError
@@ -13,11 +15,11 @@ _HINT = "; pass the matching --arch module:factory"
 
 
 def build_model(model_file: ModelFile, task: Task | None = None,
-                arch: str | None = None) -> nn.Module | None:
-    """A module holding the file's weights: from --arch, else the task's model, else a pickled
-    module the user allowed; None when no architecture is known."""
+                arch: str | Callable[[], nn.Module] | None = None) -> nn.Module | None:
+    """A module holding the file's weights: from arch (a 'module:factory' spec or a callable),
+    else the task's model, else a pickled module the user allowed; None when none is known."""
     if arch is not None:
-        factory = load_object(arch, "--arch")
+        factory = load_object(arch, "--arch") if isinstance(arch, str) else arch
         model = factory()
         if not isinstance(model, nn.Module):
             raise CompressError(f"--arch {arch}: returned {type(model).__name__}, not an nn.Module")

@@ -22,7 +22,17 @@ from .formats import dcz
 from .kmeans import INITS, cluster_weight
 from .parametrize import baked_state_dict
 from .prune import PruneConfig, layer_stats, prune, sparsity_mask, std_mask
-from .quantize import ShareConfig, share_biases, share_weights, weight_error
+from .quantize import (
+    DATA_FREE_BITS,
+    DATA_FREE_INIT,
+    TASK_BITS,
+    TASK_INIT,
+    ShareConfig,
+    share_biases,
+    share_weights,
+    shareable,
+    weight_error,
+)
 from .tasks import Task
 from .train import TrainConfig, evaluate, fit
 
@@ -35,7 +45,7 @@ class CompressConfig:
 
     sparsity: float | dict[str, float] | None = None  # global, or {layer pattern: sparsity}
     quality: float | None = None  # the paper's rule: prune |w| < quality * std(w)
-    bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without
+    bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without (share_config)
     init: str | None = None  # k-means init; None: linear with a task, optimal without
     bias_bits: int | None = 5  # with a task, biases shared too (fine-tuned); None keeps fp32
     criterion: str = "magnitude"  # what scores weights: magnitude (|w|), taylor (|grad * w|)
@@ -193,15 +203,21 @@ class Report:
     stages: list[Stage] = field(default_factory=list)
     layers: list[LayerRow] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    output: str | None = None  # the .dcz written, when compress_file wrote one
 
     @property
     def ratio(self) -> float:
         """fp32 dense bytes over compressed bytes."""
         return self.stages[0].bytes / self.stages[-1].bytes if self.stages else 1.0
 
+    @property
+    def bytes(self) -> int:
+        """The last stage's bytes (the file's, after compress_file)."""
+        return self.stages[-1].bytes if self.stages else 0
+
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "bytes": self.bytes, "ratio": self.ratio}
 
 
 def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -251,13 +267,21 @@ def prune_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> 
     return bake(model)
 
 
+def share_config(config: CompressConfig, with_task: bool) -> ShareConfig:
+    """The one place where unset bits and init get their defaults: the paper's bits with a task
+    (retraining recovers), 8 bits and the lowest-error clustering without."""
+    bits = TASK_BITS if with_task else DATA_FREE_BITS
+    init = TASK_INIT if with_task else DATA_FREE_INIT
+    return ShareConfig(bits=config.bits if config.bits is not None else bits,
+                       init=config.init or init, seed=config.seed)
+
+
 def share_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> list:
     """Stage 2 in place: share weights (and, with a task, biases), fine-tune centroids, bake."""
-    bits = config.bits if config.bits is not None else ("conv=8,linear=5" if task else 8)
-    init = config.init or ("linear" if task else "optimal")
-    shares = share_weights(model, ShareConfig(bits=bits, init=init, seed=config.seed))
+    sc = share_config(config, task is not None)
+    shares = share_weights(model, sc)
     if task is not None and config.bias_bits is not None:
-        share_biases(model, config.bias_bits, init, config.seed)
+        share_biases(model, config.bias_bits, sc.init, config.seed)
     if task is not None and config.finetune_epochs:
         fit(model, task, _train_config(config, epochs=config.finetune_epochs,
                                        lr=config.finetune_lr or config.lr / 10))
@@ -306,7 +330,8 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
     and shared into 2^bits clusters; others pass unchanged. A row per tensor
     (with its relative L2 error and SQNR) is appended to `rows`.
     """
-    bits = config.bits if config.bits is not None else 8
+    sc = share_config(config, with_task=False)
+    bits = sc.bits
     if not (isinstance(bits, int) or str(bits).isdigit()) or not 1 <= int(bits) <= 8:
         raise CompressError(f"bits {bits!r}: without a task give one number of bits, 1 to 8")
     if isinstance(config.sparsity, dict):
@@ -314,21 +339,22 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
     if config.prunes and criteria.get(config.criterion).needs_data:
         raise CompressError(f"criterion {config.criterion!r}: needs data; give a task, or use "
                             "criterion 'magnitude'")
-    return _compress_tensors(items, config, rows, 1 << int(bits), config.init or "optimal")
+    return _compress_tensors(items, config, rows, 1 << int(bits), sc.init)
 
 
 def _compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: CompressConfig,
                       rows: list[LayerRow], k: int, init: str
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in items:
-        if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < config.min_weights:
+        if not shareable(tensor):
             rows.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)), 0))
             yield name, tensor
             continue
         w = tensor.detach()
-        if config.quality is not None:
+        prunable = tensor.numel() >= config.min_weights  # as with a model: small layers stay whole
+        if prunable and config.quality is not None:
             w = torch.where(std_mask(w, config.quality).bool(), w, 0.0)
-        elif config.sparsity is not None:
+        elif prunable and config.sparsity is not None:
             w = torch.where(sparsity_mask(w, float(config.sparsity)).bool(), w, 0.0)
         codebook, index = cluster_weight(w, k, init=init, seed=config.seed)
         shared = torch.where(index >= 0, codebook[index.clamp_min(0).long()], 0.0).to(w.dtype)

@@ -36,6 +36,7 @@ __all__ = [
     "parse_bits",
     "share_biases",
     "share_weights",
+    "shareable",
     "weight_error",
 ]
 
@@ -46,12 +47,17 @@ _TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 DEFAULT_BITS = {"conv": 8, "linear": 5}
 
 
+TASK_BITS, TASK_INIT = "conv=8,linear=5", "linear"  # with retraining: the paper's bits
+DATA_FREE_BITS, DATA_FREE_INIT = 8, "optimal"  # without: fidelity first
+
+
 @dataclass
 class ShareConfig:
-    """Weight-sharing settings: bits spec (int or 'conv=8,linear=5,fc3=6'), k-means init/iters/seed, include patterns."""
+    """Weight-sharing settings: bits spec (int or 'conv=8,linear=5,fc3=6'; layers that are not
+    conv count as linear), k-means init/iters/seed, include patterns."""
 
-    bits: int | str = "conv=8,linear=5"
-    init: str = "linear"
+    bits: int | str = TASK_BITS
+    init: str = TASK_INIT
     iters: int = 30
     seed: int = 0
     include: tuple[str, ...] = ()
@@ -134,11 +140,18 @@ def bits_for(name: str, module: nn.Module, rules: list[tuple[str, int]]) -> int:
     return bits
 
 
+def shareable(tensor: object) -> bool:
+    """The one rule for which tensors are weight-shared, with or without a model: floating point
+    with two or more dimensions (linear, conv and embedding weights); biases and norm scales are
+    shared only by share_biases, with a task."""
+    return isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.dim() >= 2
+
+
 def _layers(model: nn.Module, config: ShareConfig, rules: list[tuple[str, int]]) -> dict[str, nn.Module]:
-    layers = {n: m for n, m in model.named_modules() if _kind(m) and getattr(m, "weight", None) is not None}
+    layers = {n: m for n, m in model.named_modules() if shareable(getattr(m, "weight", None))}
     for pattern in [k for k, _ in rules if k not in _TYPES] + list(config.include):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-            raise CompressError(f"pattern {pattern!r} matches no Conv/Linear layer; known layers: {', '.join(layers) or 'none'}")
+            raise CompressError(f"pattern {pattern!r} matches no layer with a shared weight; known layers: {', '.join(layers) or 'none'}")
     if config.include:
         layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in config.include)}
     return layers

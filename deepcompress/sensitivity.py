@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from deepcompress.criteria import Context
 from deepcompress.errors import CompressError
+from deepcompress.plots import pyplot
 from deepcompress.prune import PruneConfig, prune, select_layers, sparsity_mask
 from deepcompress.tasks import Task
 from deepcompress.train import evaluate
@@ -143,13 +144,7 @@ def render_table(result: SensitivityResult, tolerance: float | None = None) -> s
 
 def plot(result: SensitivityResult, path: str | Path) -> None:
     """Write a PNG line plot of metric against sparsity, one line per layer (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CompressError("--plot: matplotlib is not installed; pip install 'deepcompress[plot]'") from None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, scores in result.scores.items():
         ax.plot(result.sparsities, scores, marker="o", label=name)

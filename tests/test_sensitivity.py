@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deepcompress.cli.sensitivity import sensitivity
+from deepcompress.cli.main import main
 from deepcompress.errors import CompressError
 from deepcompress.prune import layer_stats, prune
 from deepcompress.sensitivity import (
@@ -92,11 +92,11 @@ def saved(trained, tmp_path):
 
 def test_cli_table_and_json(saved, tmp_path):
     runner = CliRunner()
-    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--sparsities", "0.5,0.9",
+    out = runner.invoke(main, ["sensitivity", str(saved), "--task", "digits", "--sparsities", "0.5,0.9",
                                       "--quiet", "--plot", str(tmp_path / "p.png")])
     assert out.exit_code == 0, out.output
     assert "fc2" in out.output and (tmp_path / "p.png").exists()
-    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--sparsities", "0.5",
+    out = runner.invoke(main, ["sensitivity", str(saved), "--task", "digits", "--sparsities", "0.5",
                                       "--json", "--quiet", "--arch", "deepcompress.models:digits_mlp"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
@@ -111,7 +111,7 @@ def test_cli_table_and_json(saved, tmp_path):
     (["--task", "digits", "--tolerance", "2"], "tolerance"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(saved, args, message):
-    out = CliRunner().invoke(sensitivity, [str(saved), *args, "--quiet"])
+    out = CliRunner().invoke(main, ["sensitivity", str(saved), *args, "--quiet"])
     assert out.exit_code == 2
     assert message in out.output
     assert len(out.output.strip().splitlines()) == 1
@@ -123,12 +123,12 @@ def test_cli_rejects_unbaked_state_dict(trained, tmp_path):
     model = copy.deepcopy(trained)
     prune(model, prune_config(SensitivityResult(0.9, [0.5], {"fc1": [0.9]}, {"fc1": 1}), 0.01))
     torch.save(model.state_dict(), tmp_path / "m.pt")
-    out = CliRunner().invoke(sensitivity, [str(tmp_path / "m.pt"), "--task", "digits"])
+    out = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "m.pt"), "--task", "digits"])
     assert out.exit_code == 2 and "bake" in out.output
 
 
 def test_cli_missing_model_file(tmp_path):
-    out = CliRunner().invoke(sensitivity, [str(tmp_path / "none.pt"), "--task", "digits"])
+    out = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "none.pt"), "--task", "digits"])
     assert out.exit_code == 2 and "no such file" in out.output
 
 
@@ -138,10 +138,10 @@ def test_analyze_and_cli_take_a_criterion(trained, task, saved):
     taylor = analyze(trained, task, [0.9], PruneConfig(criterion="taylor"))
     assert set(taylor.scores) == {"fc1", "fc2", "fc3"}
     runner = CliRunner()
-    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--sparsities", "0.9",
+    out = runner.invoke(main, ["sensitivity", str(saved), "--task", "digits", "--sparsities", "0.9",
                                       "--criterion", "taylor", "--json", "--quiet"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["layers"]["fc1"]["scores"] == taylor.scores["fc1"] and "thresholds" not in data
-    out = runner.invoke(sensitivity, [str(saved), "--task", "digits", "--criterion", "obd"])
+    out = runner.invoke(main, ["sensitivity", str(saved), "--task", "digits", "--criterion", "no-such-criterion"])
     assert out.exit_code == 2 and "magnitude, taylor" in out.output

@@ -1,0 +1,115 @@
+"""The one library entry point for files: a model file in, a .dcz out, a Report back.
+
+The CLI's `compress` only parses flags into a CompressConfig and prints what this returns.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from torch import nn
+from tqdm import tqdm
+
+from .errors import CompressError
+from .formats.readers import iter_safetensors, read_model
+from .inputs import build_model
+from .io import export_program, save
+from .pipeline import CompressConfig, LayerRow, Report, Stage, compress, compress_tensors
+from .tasks import Task
+
+
+def compress_file(src: str | os.PathLike, dst: str | os.PathLike,
+                  config: CompressConfig | None = None, task: Task | None = None, *,
+                  arch: str | Callable[[], nn.Module] | None = None, unsafe_pickle: bool = False,
+                  architecture: bool = True, metadata: Mapping | None = None) -> Report:
+    """Compress the model file src (.pt/.pth state_dict, .safetensors, .pt2) into the .dcz dst.
+
+    With a task: the full pipeline (prune and retrain, share and fine-tune) on a model built
+    from `arch` (a 'module:factory' spec or a callable), else the task's model, else a pickled
+    module allowed by `unsafe_pickle`; the architecture is embedded unless `architecture` is
+    False. Without a task: data-free, tensor by tensor (safetensors streamed from disk), the
+    file's own program kept. dst appears whole or not at all. Returns the report; its last
+    stage holds the file's bytes and the whole run's seconds.
+    """
+    config = config or CompressConfig()
+    started = time.perf_counter()
+    meta = {"settings": _changed(config), "task": task.name if task is not None else None,
+            **dict(metadata or {})}
+    if task is not None:
+        report, size = _with_task(Path(src), Path(dst), config, task, arch, unsafe_pickle,
+                                  architecture, meta)
+    else:
+        report, size = _data_free(Path(src), Path(dst), config, arch, unsafe_pickle,
+                                  architecture, meta)
+    report.stages[-1].bytes = size
+    report.stages[-1].seconds = time.perf_counter() - started
+    report.output = str(dst)
+    return report
+
+
+def _changed(config: CompressConfig) -> dict:
+    """The settings that differ from the defaults (what the file's metadata records)."""
+    defaults = CompressConfig()
+    return {k: v for k, v in vars(config).items() if k != "quiet" and v != getattr(defaults, k)}
+
+
+def _bar(total: int | None, quiet: bool, desc: str) -> tqdm:
+    return tqdm(total=total, disable=quiet, desc=desc, unit="tensor", leave=False)
+
+
+def _model(src: Path, task: Task | None, arch: str | Callable[[], nn.Module] | None,
+           unsafe_pickle: bool) -> nn.Module | None:
+    model_file = read_model(src, unsafe_pickle=unsafe_pickle)
+    return build_model(model_file, task, arch)
+
+
+def _with_task(src: Path, dst: Path, config: CompressConfig, task: Task,
+               arch: str | Callable[[], nn.Module] | None, unsafe_pickle: bool,
+               architecture: bool, meta: dict) -> tuple[Report, int]:
+    model = _model(src, task, arch, unsafe_pickle)
+    if model is None:
+        raise CompressError(f"task {task.name}: has no model to build; pass --arch module:factory")
+    model, report = compress(model, task, config)
+    program = export_program(model, task.example_input) if architecture else None
+    final = report.stages[-1]
+    meta.update(val_metric=final.val_metric, test_metric=final.test_metric)
+    with _bar(len(model.state_dict()), config.quiet, "encode") as bar:
+        size = save(model, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))
+    return report, size
+
+
+def _data_free(src: Path, dst: Path, config: CompressConfig,
+               arch: str | Callable[[], nn.Module] | None, unsafe_pickle: bool,
+               architecture: bool, meta: dict) -> tuple[Report, int]:
+    """Tensor by tensor, without retraining; safetensors are streamed from disk."""
+    streamed = src.name.endswith((".safetensors", ".safetensors.index.json"))
+    model_file = None if streamed else read_model(src, unsafe_pickle=unsafe_pickle)
+    if model_file is not None and arch is not None:
+        build_model(model_file, None, arch)  # checks that the weights fit the architecture
+    if streamed:
+        if not src.is_file():
+            raise CompressError(f"{src}: no such file; check the path")
+        items, count = iter_safetensors(src), None
+    else:
+        items, count = model_file.tensors.items(), len(model_file.tensors)
+    dense = 0
+
+    def counted():
+        nonlocal dense
+        for name, tensor in items:
+            dense += 4 * tensor.numel()
+            yield name, tensor
+
+    rows: list[LayerRow] = []
+    program = model_file.program if model_file is not None and architecture else None
+    stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
+    with _bar(count, config.quiet, "compress") as bar:
+        size = save(stream, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))
+    weights = sum(r.weights for r in rows)
+    nonzero = sum(r.nonzero for r in rows)
+    report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
+                            Stage("shared", None, None, weights, nonzero, size, 0.0)],
+                    layers=rows, config=vars(config))
+    return report, size
