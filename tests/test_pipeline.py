@@ -1,6 +1,7 @@
 """The pipeline: configuration files, validation, stage reports, data-free streaming."""
 import pytest
 import torch
+from torch import nn
 
 from deepcompress import CompressConfig, CompressError, compress
 from deepcompress.pipeline import (
@@ -146,3 +147,19 @@ def test_data_free_refuses_a_criterion_that_needs_data(trained):
         compress_tensors(iter([]), config, [])
     with pytest.raises(CompressError, match="needs data"):
         prune_stage(__import__("copy").deepcopy(trained), None, config)
+
+
+def test_one_rule_for_shared_tensors_with_and_without_a_task(task):
+    from deepcompress.pipeline import compress_tensors, share_stage
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 4, 20), nn.LayerNorm(20),
+                        nn.Linear(20, 10))
+    small = {k: v.clone() for k, v in net.state_dict().items()}
+    with_task = share_stage(net, task, CompressConfig(bits=4, bias_bits=None, finetune_epochs=0,
+                                                      quiet=True))
+    rows: list = []
+    list(compress_tensors(small.items(), CompressConfig(bits=4), rows))
+    shared_free = {r.name for r in rows if r.clusters}
+    assert {f"{r.name}.weight" for r in with_task} == shared_free == {"0.weight", "2.weight",
+                                                                      "4.weight"}

@@ -145,3 +145,13 @@ def test_analyze_and_cli_take_a_criterion(trained, task, saved):
     assert data["layers"]["fc1"]["scores"] == taylor.scores["fc1"] and "thresholds" not in data
     out = runner.invoke(main, ["sensitivity", str(saved), "--task", "digits", "--criterion", "no-such-criterion"])
     assert out.exit_code == 2 and "magnitude, taylor" in out.output
+
+
+def test_cli_reads_safetensors_like_every_command(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(trained.state_dict(), tmp_path / "m.safetensors")
+    out = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "m.safetensors"), "--task",
+                                    "digits", "--sparsities", "0.5", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(out.output)["layers"]) == {"fc1", "fc2", "fc3"}
