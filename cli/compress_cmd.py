@@ -43,6 +43,16 @@ def check_output(out: str, force: bool) -> Path:
               help="Folder with the task's data. Example: --data-dir ../shared/data/mnist")
 @click.option("--arch", help="Factory that builds the model when INPUT is a bare state_dict. "
               "Example: --arch deepcompress.models:lenet5")
+@click.option("--calib", help="Unlabeled example inputs for a model without its task: a .pt, "
+              ".safetensors or .npy batch-first tensor (or dict of named tensors passed as "
+              "keyword inputs), or module:factory yielding batches. Layer-wise second-order "
+              "pruning and sharing (OBS, GPTQ onto the codebook); a few hundred inputs suffice. "
+              "Example: --calib inputs.npy")
+@click.option("--distill-epochs", type=int, help="With --calib: fine-tune the codebooks this many "
+              "epochs on the original model's outputs (tensor inputs only). Example: --distill-epochs 10")
+@click.option("--example-input", help="Without a task or --calib: a file of inputs (as --calib) "
+              "to export the architecture with --arch into the .dcz, so load() runs it. "
+              "Example: --example-input x.npy")
 @click.option("--sparsity", help="Fraction of weights to prune, global or per layer. "
               "Example: --sparsity 0.95 or --sparsity fc1=0.97,fc2=0.9")
 @click.option("--quality", type=float, help="The paper's rule: prune |w| < QUALITY x std(w) per "
@@ -80,7 +90,8 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--quiet", is_flag=True, help="No progress bars or tables; just the final line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compress(input_path: str, output: str, task: str | None, data_dir: str | None,
-             arch: str | None, sparsity: str | None, quality: float | None, bits: str | None,
+             arch: str | None, calib: str | None, distill_epochs: int | None,
+             example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
              schedule: str | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
@@ -100,19 +111,21 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
       dcompress compress model.safetensors -o model.dcz
       dcompress compress lenet5.pt -o lenet5.dcz --task mnist --data-dir data/mnist \\
           --sparsity 0.97 --bits 4
+      dcompress compress crepe.pth -o crepe.dcz --arch crepe.py:full --calib tones.npy \\
+          --sparsity 0.5 --bits 4
     """
     out = check_output(output, force)
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
-             "lr": lr, "seed": seed, "quiet": quiet or as_json}
+             "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
     the_task = load_task(task, data_dir) if task else None
     report = compress_file(input_path, out, config, the_task, arch=arch,
                            unsafe_pickle=unsafe_pickle, architecture=not no_arch,
-                           metadata={"task": task})
+                           metadata={"task": task}, calib=calib, example_input=example_input)
     if report_file:
         Path(report_file).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if as_json:

@@ -20,8 +20,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -333,3 +335,68 @@ def _run_through(model: nn.Module, block: nn.Module, batches: list[Batch]) -> No
                 continue
             raise CompressError(f"calibration batch {i}: a block never ran in the model's forward; "
                                     "give blocks= that the forward calls")
+
+
+def read_calibration(spec: str, batch_size: int = 64) -> list[Batch]:
+    """Calibration batches from a file of example inputs (no labels) or a batch factory.
+
+    `.pt`/`.pth` (loaded with weights_only), `.safetensors` or `.npy` holding a batch-first
+    tensor, or a dict of named batch-first tensors passed as keyword inputs (a transformer's
+    `input_ids` and `attention_mask`); or 'file.py:factory' / 'module:factory' returning an
+    iterable of batches.
+    """
+    path = Path(spec)
+    if not path.is_file() and ":" in spec:
+        from .tasks import load_object
+        return as_batches(load_object(spec, "--calib")(), batch_size)
+    if not path.is_file():
+        raise CompressError(f"{spec}: no such calibration file; pass a .pt, .safetensors or .npy "
+                            "file of example inputs, or module:factory")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            inputs: object = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+            inputs = load_file(path)
+            if len(inputs) == 1:
+                inputs = next(iter(inputs.values()))
+        elif suffix in (".pt", ".pth"):
+            inputs = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CompressError(f"{spec}: unknown calibration file type {suffix!r}; give a .pt, "
+                                ".safetensors or .npy file of example inputs")
+    except CompressError:
+        raise
+    except Exception as exc:  # each reader raises its own types for a damaged file
+        raise CompressError(f"{spec}: not a file of tensors ({type(exc).__name__}); save the "
+                            "inputs with torch.save(tensor, path) or numpy.save") from None
+    if isinstance(inputs, Mapping):
+        shapes = {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, Tensor)}
+        if len(shapes) != len(inputs) or not shapes:
+            raise CompressError(f"{spec}: a dict of calibration inputs must map names to tensors")
+        if len({s[:1] for s in shapes.values()}) != 1 or () in shapes.values():
+            raise CompressError(f"{spec}: named inputs must be batch-first with the same number of "
+                                f"rows (got {shapes}); give one row per example in each")
+    elif not isinstance(inputs, Tensor | list | tuple):
+        raise CompressError(f"{spec}: holds a {type(inputs).__name__}, not tensors; save a "
+                            "batch-first tensor of example inputs")
+    try:
+        return as_batches(inputs, batch_size)
+    except CompressError as exc:
+        raise CompressError(f"{spec}: {exc}") from None
+
+
+def check_runs(model: nn.Module, batches: list[Batch], spec: str) -> None:
+    """CompressError naming spec unless the model accepts the first calibration batch."""
+    try:
+        with _evaluating(model):
+            output = run_model(model, batches[0])
+    except Exception as exc:  # whatever the model raises for a wrong input
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CompressError(f"{spec}: the model rejects the first calibration batch "
+                            f"({type(exc).__name__}: {first}); give inputs of the shape and dtype "
+                            "the model takes") from None
+    if not floating_outputs(output):
+        raise CompressError(f"{spec}: the model's output holds no floating tensor to compare; "
+                            "calibration needs a model with floating outputs")

@@ -9,9 +9,12 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
+from .calibrated import compress_calibrated
+from .calibration import as_batches, check_runs, read_calibration
 from .errors import CompressError
 from .formats.readers import iter_safetensors, read_model
 from .inputs import build_model
@@ -23,26 +26,37 @@ from .tasks import Task
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike,
                   config: CompressConfig | None = None, task: Task | None = None, *,
                   arch: str | Callable[[], nn.Module] | None = None, unsafe_pickle: bool = False,
-                  architecture: bool = True, metadata: Mapping | None = None) -> Report:
+                  architecture: bool = True, metadata: Mapping | None = None,
+                  calib: str | list | None = None, example_input: str | None = None) -> Report:
     """Compress the model file src (.pt/.pth state_dict, .safetensors, .pt2) into the .dcz dst.
 
     With a task: the full pipeline (prune and retrain, share and fine-tune) on a model built
     from `arch` (a 'module:factory' spec or a callable), else the task's model, else a pickled
     module allowed by `unsafe_pickle`; the architecture is embedded unless `architecture` is
-    False. Without a task: data-free, tensor by tensor (safetensors streamed from disk), the
-    file's own program kept. dst appears whole or not at all. Returns the report; its last
-    stage holds the file's bytes and the whole run's seconds.
+    False. With `calib` instead (a file of unlabeled example inputs, a 'module:factory' of
+    batches, or a list of batches; see calibration.read_calibration): layer-wise compression of
+    the runnable model (deepcompress.calibrated), its architecture exported with a calibration
+    batch. Without either: data-free, tensor by tensor (safetensors streamed from disk), the
+    file's own program kept, or with `example_input` (a file as calib) and `arch` the
+    architecture exported with it. dst appears whole or not at all. Returns the report; its
+    last stage holds the file's bytes and the whole run's seconds.
     """
     config = config or CompressConfig()
     started = time.perf_counter()
     meta = {"settings": _changed(config), "task": task.name if task is not None else None,
             **dict(metadata or {})}
+    if task is not None and calib is not None:
+        raise CompressError("give a task or calibration inputs, not both (a task already has "
+                            "data to retrain on)")
     if task is not None:
         report, size = _with_task(Path(src), Path(dst), config, task, arch, unsafe_pickle,
                                   architecture, meta)
+    elif calib is not None:
+        report, size = _calibrated(Path(src), Path(dst), config, calib, arch, unsafe_pickle,
+                                   architecture, meta)
     else:
         report, size = _data_free(Path(src), Path(dst), config, arch, unsafe_pickle,
-                                  architecture, meta)
+                                  architecture, meta, example_input)
     report.stages[-1].bytes = size
     report.stages[-1].seconds = time.perf_counter() - started
     report.output = str(dst)
@@ -80,14 +94,54 @@ def _with_task(src: Path, dst: Path, config: CompressConfig, task: Task,
     return report, size
 
 
+def _example(spec: str) -> object:
+    """A small example input from a calibration-style file: two rows of its first batch."""
+    first = read_calibration(spec)[0]
+    if isinstance(first, Mapping):
+        return {k: v[:2] for k, v in first.items()}
+    return first[:2] if isinstance(first, torch.Tensor) else first
+
+
+def _calibrated(src: Path, dst: Path, config: CompressConfig, calib: str | list,
+                arch: str | Callable[[], nn.Module] | None, unsafe_pickle: bool,
+                architecture: bool, meta: dict) -> tuple[Report, int]:
+    model = _model(src, None, arch, unsafe_pickle)
+    if model is None:
+        raise CompressError(f"{src}: calibration needs a module to run; pass --arch "
+                            "module:factory (or file.py:factory) that builds the model")
+    spec = calib if isinstance(calib, str) else "calibration inputs"
+    batches = read_calibration(calib, config.batch_size) if isinstance(calib, str) else as_batches(calib)
+    check_runs(model, batches, spec)
+    model, report = compress_calibrated(model, batches, config)
+    program = None
+    if architecture:
+        first = batches[0]
+        program = export_program(model, {k: v[:2] for k, v in first.items()}
+                                 if isinstance(first, Mapping) else first[:2])
+    meta.update(calibration_output_error=report.stages[-1].output_error)
+    with _bar(len(model.state_dict()), config.quiet, "encode") as bar:
+        size = save(model, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))
+    return report, size
+
+
 def _data_free(src: Path, dst: Path, config: CompressConfig,
                arch: str | Callable[[], nn.Module] | None, unsafe_pickle: bool,
-               architecture: bool, meta: dict) -> tuple[Report, int]:
+               architecture: bool, meta: dict, example_input: str | None = None
+               ) -> tuple[Report, int]:
     """Tensor by tensor, without retraining; safetensors are streamed from disk."""
-    streamed = src.name.endswith((".safetensors", ".safetensors.index.json"))
+    streamed = (src.name.endswith((".safetensors", ".safetensors.index.json"))
+                and example_input is None)
     model_file = None if streamed else read_model(src, unsafe_pickle=unsafe_pickle)
+    exported = None
     if model_file is not None and arch is not None:
-        build_model(model_file, None, arch)  # checks that the weights fit the architecture
+        dense = build_model(model_file, None, arch)  # checks that the weights fit the architecture
+        if example_input is not None and architecture:  # the program holds no weights: the
+            exported = export_program(dense, _example(example_input))  # dense model's will do
+            if exported is None:
+                raise CompressError(f"{example_input}: the model does not export with this input "
+                                    "into a program a .dcz can hold; drop --example-input")
+    elif example_input is not None:
+        raise CompressError("--example-input: needs --arch module:factory to build the model")
     if streamed:
         if not src.is_file():
             raise CompressError(f"{src}: no such file; check the path")
@@ -103,7 +157,7 @@ def _data_free(src: Path, dst: Path, config: CompressConfig,
             yield name, tensor
 
     rows: list[LayerRow] = []
-    program = model_file.program if model_file is not None and architecture else None
+    program = exported or (model_file.program if model_file is not None and architecture else None)
     stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
     with _bar(count, config.quiet, "compress") as bar:
         size = save(stream, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))

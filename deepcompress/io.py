@@ -68,16 +68,22 @@ def _declared(tensors: dict[str, torch.Tensor], shares: dict[str, Shared]
     return {n: by_storage.get(_where(t), t) for n, t in tensors.items()}
 
 
-def export_program(model: nn.Module, example_input: torch.Tensor
+def export_program(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor]
                    ) -> torch.export.ExportedProgram | None:
-    """torch.export of the model in eval mode for this input (batch size left free when the
-    model allows), or None if it does not export into a program a .dcz reader admits."""
+    """torch.export of the model in eval mode for this input (a tensor, or a dict of keyword
+    inputs; batch size left free when the model allows), or None if it does not export into a
+    program a .dcz reader admits."""
     was_training = model.training
     model.eval()
+    if isinstance(example_input, Mapping):
+        args, kwargs = (), dict(example_input)
+        free = {k: {0: torch.export.Dim.DYNAMIC} for k in kwargs}
+    else:
+        args, kwargs, free = (example_input,), None, ({0: torch.export.Dim.DYNAMIC},)
     try:
-        for dynamic in (({0: torch.export.Dim.DYNAMIC},), None):
+        for dynamic in (free, None):
             try:
-                program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic)
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
                 _program.pack(program)  # refused if it uses what a reader must not run
                 return program
             except Exception:  # many models do not export; the .dcz then holds weights only

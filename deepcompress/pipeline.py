@@ -57,6 +57,7 @@ class CompressConfig:
     agp_initial: float = 0.5  # agp: sparsity at the start
     agp_steps: int | None = None  # agp: epochs over which sparsity rises (None: 40% of them)
     finetune_epochs: int = 4  # centroid fine-tuning epochs
+    distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
     lr: float = 0.01
     finetune_lr: float | None = None  # None: lr / 10
     lr_schedule: str = "cosine"  # or constant
@@ -102,7 +103,8 @@ class CompressConfig:
         if self.agp_steps is not None and (not isinstance(self.agp_steps, int)
                                            or not 1 <= self.agp_steps <= self.prune_epochs):
             raise CompressError(f"agp_steps {self.agp_steps!r}: must be 1 to prune_epochs")
-        for name in ("rounds", "prune_epochs", "finetune_epochs", "batch_size", "min_weights"):
+        for name in ("rounds", "prune_epochs", "finetune_epochs", "distill_epochs", "batch_size",
+                     "min_weights"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name in ("rounds", "batch_size") else 0):
                 raise CompressError(f"{name} {value!r}: must be a non-negative whole number")
@@ -182,6 +184,7 @@ class Stage:
     nonzero: int
     bytes: int
     seconds: float
+    output_error: float | None = None  # with calibration: ||f(x) - f0(x)||^2 / ||f0(x)||^2
 
 
 @dataclass
@@ -194,6 +197,7 @@ class LayerRow:
     clusters: int
     rel_l2_error: float | None = None
     sqnr_db: float | None = None
+    output_error: float | None = None  # with calibration: the layer's relative output error
 
 
 @dataclass
@@ -372,14 +376,16 @@ def render_report(report: Report) -> str:
     for s in report.stages:
         val = f"{s.val_metric:.4f}" if s.val_metric is not None else "-"
         test = f"{s.test_metric:.4f}" if s.test_metric is not None else "-"
+        err = f"  output error {s.output_error:.3g}" if s.output_error is not None else ""
         lines.append(f"{s.name:<8} {val:>7} {test:>7} {s.nonzero:>10} {s.weights:>10} "
-                     f"{s.bytes:>10} {dense / max(s.bytes, 1):>6.1f}x {s.seconds:>8.1f}")
+                     f"{s.bytes:>10} {dense / max(s.bytes, 1):>6.1f}x {s.seconds:>8.1f}{err}")
     lines.append("")
     lines.append(f"{'tensor':<32} {'weights':>9} {'density':>8} {'clusters':>8} {'rel L2':>8} "
-                 f"{'SQNR dB':>8}")
+                 f"{'SQNR dB':>8} {'out err':>8}")
     for r in report.layers:
         rel = f"{r.rel_l2_error:.4f}" if r.rel_l2_error is not None else "-"
         sq = f"{r.sqnr_db:.1f}" if r.sqnr_db is not None else "-"
+        out = f"{r.output_error:.4f}" if r.output_error is not None else "-"
         lines.append(f"{r.name[:32]:<32} {r.weights:>9} {r.nonzero / max(r.weights, 1):>8.1%} "
-                     f"{r.clusters or '-':>8} {rel:>8} {sq:>8}")
+                     f"{r.clusters or '-':>8} {rel:>8} {sq:>8} {out:>8}")
     return "\n".join(lines)

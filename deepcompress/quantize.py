@@ -130,9 +130,10 @@ def _kind(module: nn.Module) -> str | None:
 
 def bits_for(name: str, module: nn.Module, rules: list[tuple[str, int]]) -> int:
     """Bits for one layer: the last matching name pattern, else its type rule, else the default."""
-    bits = DEFAULT_BITS[_kind(module) or "linear"]
+    kind = _kind(module) or "linear"  # embeddings and other shared weights count as linear
+    bits = DEFAULT_BITS[kind]
     for key, b in rules:
-        if key in _TYPES and isinstance(module, _TYPES[key]):
+        if key == kind:
             bits = b
     for key, b in rules:
         if key not in _TYPES and fnmatch.fnmatchcase(name, key):

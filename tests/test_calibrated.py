@@ -1,0 +1,120 @@
+"""Compression of a pretrained model from unlabeled calibration inputs: the API, the CLI's
+--calib and --example-input, and every bad CALIB as one line, exit 2."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+import deepcompress
+from deepcompress import CompressConfig
+from deepcompress.calibrated import compress_calibrated, output_error
+from deepcompress.calibration import read_calibration
+from deepcompress.cli.main import main
+from deepcompress.errors import CompressError
+from deepcompress.models import digits_mlp
+from deepcompress.pipeline import compress_tensors
+
+
+@pytest.fixture(scope="module")
+def files(trained, task, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calib")
+    torch.save(trained.state_dict(), tmp / "m.pt")
+    np.save(tmp / "x.npy", task.train[0][:192].numpy())
+    return tmp
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_calibrated_beats_data_free_on_output_error(trained, task):
+    import copy
+
+    x = task.train[0][:192]
+    model = copy.deepcopy(trained)
+    _, report = compress_calibrated(model, list(x.split(64)), CompressConfig(sparsity=0.8, bits=4,
+                                                                             quiet=True))
+    rows: list = []
+    free = digits_mlp()
+    free.load_state_dict(dict(compress_tensors(trained.state_dict().items(),
+                                               CompressConfig(sparsity=0.8, bits=4), rows)))
+    held_out = list(task.val[0].split(64))
+    assert output_error(model, trained, held_out) < 0.7 * output_error(free, trained, held_out)
+    assert report.stages[-1].output_error < 0.1
+    w = model.fc1.weight
+    assert int((w == 0).sum()) == round(0.8 * w.numel()) and len(torch.unique(w[w != 0])) <= 16
+
+
+def test_cli_calib_writes_a_runnable_file(files, task, tmp_path):
+    out = tmp_path / "m.dcz"
+    r = run("compress", files / "m.pt", "-o", out, "--arch", "deepcompress.models:digits_mlp",
+            "--calib", files / "x.npy", "--sparsity", "0.8", "--bits", "4", "--json")
+    assert r.exit_code == 0, r.output
+    runnable = deepcompress.load(out)  # the architecture was exported with a calibration batch
+    x = task.test[0][:5]
+    assert torch.equal(runnable(x), deepcompress.load(out, digits_mlp())(x))
+    with deepcompress.open_lazy(out) as f:
+        assert 0 < f.metadata["calibration_output_error"] < 0.2
+
+
+def test_calib_of_named_inputs_reaches_keyword_arguments(tmp_path):
+    class KeywordNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.emb(input_ids) * attention_mask[..., None]
+            return {"logits": self.fc(h.mean(1))}
+
+    torch.manual_seed(0)
+    net = KeywordNet()
+    g = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, 30, (40, 6), generator=g),
+               "attention_mask": torch.ones(40, 6)}, tmp_path / "c.safetensors")
+    batches = read_calibration(str(tmp_path / "c.safetensors"), batch_size=16)
+    assert [set(b) for b in batches] == [{"input_ids", "attention_mask"}] * 3
+    model, report = compress_calibrated(net, batches, CompressConfig(bits=4, quiet=True))
+    assert len(torch.unique(model.fc.weight)) <= 16 and len(torch.unique(model.emb.weight)) <= 16
+    assert report.stages[-1].output_error < 0.05
+
+
+@pytest.mark.parametrize("make,word", [
+    (lambda p: p.write_bytes(b"junk"), "not a file of tensors"),
+    (lambda p: torch.save({"a": torch.ones(3, 2), "b": torch.ones(4, 2)}, p), "same number of rows"),
+    (lambda p: torch.save(torch.ones(8, 5), p), "rejects the first calibration batch"),
+    (lambda p: torch.save([1, 2], p), "calibration batch 0"),
+    (lambda p: torch.save(torch.ones(0, 64), p), "empty"),
+])
+def test_bad_calib_is_one_line_exit_2(files, tmp_path, make, word):
+    bad = tmp_path / "bad.pt"
+    make(bad)
+    r = run("compress", files / "m.pt", "-o", tmp_path / "o.dcz", "--arch",
+            "deepcompress.models:digits_mlp", "--calib", bad)
+    assert r.exit_code == 2 and word in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert str(bad) in r.output and not (tmp_path / "o.dcz").exists()
+
+
+def test_calib_needs_an_architecture_and_no_task(files, tmp_path):
+    r = run("compress", files / "m.pt", "-o", tmp_path / "o.dcz", "--calib", files / "x.npy")
+    assert r.exit_code == 2 and "--arch" in r.output
+    r = run("compress", files / "m.pt", "-o", tmp_path / "o.dcz", "--calib", files / "x.npy",
+            "--task", "digits")
+    assert r.exit_code == 2 and "not both" in r.output
+    with pytest.raises(CompressError, match="missing.npy: no such calibration file"):
+        read_calibration(str(tmp_path / "missing.npy"))
+
+
+def test_example_input_embeds_the_architecture_data_free(files, task, tmp_path):
+    out = tmp_path / "m.dcz"
+    r = run("compress", files / "m.pt", "-o", out, "--arch", "deepcompress.models:digits_mlp",
+            "--example-input", files / "x.npy", "--quiet")
+    assert r.exit_code == 0, r.output
+    runnable = deepcompress.load(out)
+    assert runnable(task.test[0][:7]).shape == (7, 10)  # any batch size
+    r = run("compress", files / "m.pt", "-o", tmp_path / "o.dcz", "--example-input",
+            files / "x.npy")
+    assert r.exit_code == 2 and "--arch" in r.output
