@@ -51,11 +51,38 @@ class Mask(nn.Module):
         return x * self.mask
 
 
+class _StraightThrough(torch.autograd.Function):
+    """x * mask forward; the incoming gradient passed to x unchanged (masked entries included)."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, mask: Tensor) -> Tensor:
+        return x * mask
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class SplicingMask(Mask):
+    """Mask whose gradient reaches the dense shadow weight everywhere, pruned entries included (dynamic network surgery).
+
+    The forward value is exactly ``x * mask``, as `Mask`'s; the backward is straight-through, so
+    ``original`` keeps learning where the mask is 0 and a later mask recomputed from it can bring
+    a pruned weight back (splicing). Everything that finds a `Mask` (masks_of, apply_masks, bake)
+    finds this one too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return x with the pruned entries zeroed; the gradient passes straight through."""
+        return _StraightThrough.apply(x, self.mask)
+
+
 @dataclass
 class PruneConfig:
     """What to prune and how much.
 
-    criterion (deepcompress.criteria: magnitude, taylor) scores the weights; allocation
+    criterion (deepcompress.criteria: magnitude, taylor, obd, obs and the structured ones,
+    criteria.names()) scores the weights; allocation
     (deepcompress.allocation) turns scores into masks: 'layer' prunes the fraction `sparsity` of
     each layer, 'global' the fraction `sparsity` of all selected weights together, 'std' prunes
     |score| < quality * std per layer (Han et al.). `layers` maps fnmatch patterns to per-layer
@@ -169,6 +196,11 @@ def global_masks(weights: dict[str, Tensor], sparsity: float) -> dict[str, Tenso
     return keep_fraction_across(weights, sparsity)
 
 
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape expands to target (each dim equal or 1, no extra dims)."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target), strict=False))
+
+
 def compute_masks(model: nn.Module, config: PruneConfig, context: Context | None = None) -> dict[str, Tensor]:
     """Masks config would give model's current (effective) weights; does not change the model.
 
@@ -178,6 +210,12 @@ def compute_masks(model: nn.Module, config: PruneConfig, context: Context | None
     context = context if context is not None else Context(model=model)
     criterion = criteria.get(config.criterion)()
     saliencies = {name: criterion.saliency(name, m, context) for name, m in layers.items()}
+    for name, s in saliencies.items():
+        shape = tuple(layers[name].weight.shape)
+        if not _broadcasts(tuple(s.shape), shape):
+            raise CompressError(f"criterion {config.criterion!r}: saliency of shape {tuple(s.shape)} for layer "
+                                f"{name!r} does not broadcast to its weight {shape}; return the weight's shape "
+                                "or (out, 1, ...)")
     overrides = {name: value for name in layers if (value := _override(name, config)) is not None}
     masks = allocation.get(config.allocation)().masks(saliencies, overrides, config.target)
     return {name: masks[name].to(m.weight.dtype).expand_as(m.weight).contiguous() for name, m in layers.items()}

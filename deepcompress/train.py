@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from deepcompress.errors import CompressError
@@ -26,12 +26,17 @@ class TrainConfig:
     optimizer: str = "sgd"  # 'sgd' (with momentum) or 'adam'
     lr_schedule: str = "constant"  # 'constant' or 'cosine' (annealed to 0 over the epochs)
     quiet: bool = False
+    # penalty(model) added to every step's loss (deepcompress.regularisers); None trains on the loss alone
+    regulariser: Callable[[nn.Module], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise CompressError(f"optimizer {self.optimizer!r}: unknown; use 'sgd' or 'adam'")
         if self.lr_schedule not in ("constant", "cosine"):
             raise CompressError(f"lr_schedule {self.lr_schedule!r}: unknown; use 'constant' or 'cosine'")
+        if self.regulariser is not None and not callable(self.regulariser):
+            raise CompressError(f"regulariser {self.regulariser!r}: not callable; pass "
+                                "deepcompress.regularisers.make(name) or a function of the model")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise CompressError(
                 f"TrainConfig(epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}): "
@@ -88,6 +93,9 @@ def fit(
 ) -> list[dict]:
     """Train model on task.train, restore the best validation epoch, return per-epoch history.
 
+    With config.regulariser, each step minimises loss + regulariser(model); train_loss reports
+    the task loss alone.
+
     on_epoch_end(epoch) runs after each epoch's steps and before validation; if it returns
     True the model was changed (e.g. pruned further), so only later epochs compete for best.
     """
@@ -115,7 +123,10 @@ def fit(
                 for x, y in task.batches("train", config.batch_size, order):
                     optimizer.zero_grad(set_to_none=True)
                     loss = task.loss(model(x.to(device)), y.to(device))
-                    loss.backward()
+                    if config.regulariser is None:
+                        loss.backward()
+                    else:
+                        (loss + config.regulariser(model)).backward()
                     optimizer.step()
                     total += float(loss.detach()) * len(y)
                     seen += len(y)

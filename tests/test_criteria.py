@@ -34,22 +34,23 @@ def pruned_fraction(masks):
 # --- registries -----------------------------------------------------------------------------
 
 def test_registries_hold_the_vocabulary():
-    assert criteria.names() == ("magnitude", "taylor")
+    assert criteria.names() == ("magnitude", "taylor", "obd", "obs", "taylor_filter", "l1_filter",
+                                "fpgm", "apoz", "bn_scale")
     assert allocation.names() == ("global", "layer", "std")
-    assert schedules.names() == ("iterative", "oneshot", "agp")
+    assert schedules.names() == ("iterative", "oneshot", "agp", "lottery", "dns")
     assert criteria.get("magnitude") is Magnitude and criteria.get("taylor") is Taylor
     assert allocation.get("std").target == "quality"
     assert schedules.get("agp") is schedules.AGPConfig
 
 
 @pytest.mark.parametrize("registry, kind, known", [
-    (criteria, "criterion", "magnitude, taylor"),
+    (criteria, "criterion", "magnitude, taylor, obd, obs, taylor_filter, l1_filter, fpgm, apoz, bn_scale"),
     (allocation, "allocation", "global, layer, std"),
-    (schedules, "schedule", "iterative, oneshot, agp"),
+    (schedules, "schedule", "iterative, oneshot, agp, lottery, dns"),
 ])
 def test_unknown_names_list_the_known_ones(registry, kind, known):
-    with pytest.raises(CompressError, match=f"{kind} 'obd': unknown; use one of {known}") as info:
-        registry.get("obd")
+    with pytest.raises(CompressError, match=f"{kind} 'hessian': unknown; use one of {known}$") as info:
+        registry.get("hessian")
     assert "\n" not in str(info.value)
 
 

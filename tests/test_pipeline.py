@@ -95,7 +95,7 @@ def test_pruning_words_default_and_resolve():
     assert (CompressConfig().criterion, CompressConfig().allocation) == ("magnitude", "global")
     assert CompressConfig(quality=1.0).allocation == "std"
     assert CompressConfig(sparsity=0.9, allocation="layer").allocation == "layer"
-    for kwargs, word in [({"criterion": "obd"}, "magnitude, taylor"),
+    for kwargs, word in [({"criterion": "hessian"}, "magnitude, taylor"),
                          ({"allocation": "even"}, "global, layer, std"),
                          ({"schedule": "weekly"}, "iterative, oneshot, agp"),
                          ({"allocation": "std", "sparsity": 0.9}, "give quality"),
