@@ -13,6 +13,7 @@ import torch
 import deepcompress
 from deepcompress import allocation as _allocation
 from deepcompress import criteria as _criteria
+from deepcompress import regularisers as _regularisers
 from deepcompress import schedules as _schedules
 from deepcompress.errors import CompressError
 from deepcompress.files import compress_file
@@ -62,14 +63,21 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--init", help="k-means initialisation: linear, density, random, kmeans++, "
               "optimal. Default linear with a task, optimal without. Example: --init optimal")
 @click.option("--criterion", type=click.Choice(_criteria.names()),
-              help="What ranks the weights for pruning: magnitude (|w|, no data), taylor "
-              "(|grad x w|, a few training batches of the task). Example: --criterion taylor")
+              help="What ranks the weights for pruning (default magnitude, needs no data; the "
+              "others need a task; `dcompress methods` says what each needs and costs). "
+              "Example: --criterion obd")
 @click.option("--allocation", type=click.Choice(_allocation.names()),
               help="How many to prune where: global (one threshold across layers; default), "
               "layer (the same fraction of each), std (with --quality). Example: --allocation layer")
 @click.option("--schedule", type=click.Choice(_schedules.names()),
               help="When to prune, with a task: agp (cubic ramp while training; default), "
               "iterative (the paper's prune-retrain rounds), oneshot. Example: --schedule agp")
+@click.option("--regulariser", type=click.Choice(_regularisers.names()),
+              help="Penalty added to the loss while retraining with a task: slimming (L1 on "
+              "BatchNorm scales; then --criterion bn_scale), group_lasso (L2 norms of filters). "
+              "Example: --regulariser slimming")
+@click.option("--regulariser-strength", type=float, help="Weight of --regulariser in the loss "
+              "(default 1e-4). Example: --regulariser-strength 1e-3")
 @click.option("--rounds", type=int, help="Prune-retrain rounds (iterative). Example: --rounds 3")
 @click.option("--prune-epochs", type=int, help="Retraining epochs per pruning round. "
               "Example: --prune-epochs 4")
@@ -93,7 +101,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              arch: str | None, calib: str | None, distill_epochs: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
-             schedule: str | None, rounds: int | None, prune_epochs: int | None,
+             schedule: str | None, regulariser: str | None,
+             regulariser_strength: float | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
              config_file: str | None, report_file: str | None, no_arch: bool,
              unsafe_pickle: bool, force: bool, quiet: bool, as_json: bool) -> None:
@@ -118,6 +127,7 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
+             "regulariser": regulariser, "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
              "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -10,6 +10,7 @@ from deepcompress.errors import DeepCompressError
 from .compress_cmd import compress, decompress, evaluate
 from .demo_cmd import demo
 from .inspect_cmd import inspect
+from .methods_cmd import methods
 from .sensitivity import sensitivity
 
 
@@ -55,6 +56,7 @@ main.add_command(decompress)
 main.add_command(demo)
 main.add_command(evaluate)
 main.add_command(inspect)
+main.add_command(methods)
 main.add_command(sensitivity)
 
 if __name__ == "__main__":

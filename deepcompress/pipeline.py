@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import allocation, criteria, schedules
+from . import allocation, criteria, regularisers, schedules
 from .bake import bake
 from .errors import CompressError
 from .formats import dcz
@@ -58,6 +58,8 @@ class CompressConfig:
     agp_steps: int | None = None  # agp: epochs over which sparsity rises (None: 40% of them)
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
+    regulariser: str | None = None  # with a task: slimming, group_lasso (deepcompress.regularisers)
+    regulariser_strength: float = 1e-4  # its weight in the loss
     lr: float = 0.01
     finetune_lr: float | None = None  # None: lr / 10
     lr_schedule: str = "cosine"  # or constant
@@ -98,6 +100,8 @@ class CompressConfig:
             raise CompressError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant")
         _check_unit(self.agp_initial, "agp_initial")
         schedules.get(self.schedule)
+        if self.regulariser is not None:
+            regularisers.make(self.regulariser, strength=self.regulariser_strength)
         if self.init is not None and self.init not in INITS:
             raise CompressError(f"init {self.init!r}: use one of {', '.join(INITS)}")
         if self.agp_steps is not None and (not isinstance(self.agp_steps, int)
@@ -250,9 +254,11 @@ def _prune_config(config: CompressConfig) -> PruneConfig:
 
 
 def _train_config(config: CompressConfig, **changes: object) -> TrainConfig:
+    penalty = (regularisers.make(config.regulariser, strength=config.regulariser_strength)
+               if config.regulariser is not None else None)
     base = TrainConfig(epochs=config.prune_epochs, lr=config.lr, batch_size=config.batch_size,
                        weight_decay=config.weight_decay, seed=config.seed, quiet=config.quiet,
-                       lr_schedule=config.lr_schedule)
+                       lr_schedule=config.lr_schedule, regulariser=penalty)
     return TrainConfig(**{**asdict(base), **changes})
 
 

@@ -166,3 +166,33 @@ def test_demo(tmp_path):
     figures = json.loads(r.output)
     assert figures["ratio"] > 10 and out.stat().st_size == figures["file_bytes"]
     assert figures["final_accuracy"] >= figures["dense_accuracy"] - 0.03
+
+
+def test_methods_lists_every_registered_name():
+    from deepcompress import allocation, criteria, regularisers, schedules
+
+    r = run("methods", "--json")
+    assert r.exit_code == 0, r.output
+    table = json.loads(r.output)
+    for kind, module in (("criterion", criteria), ("allocation", allocation),
+                         ("schedule", schedules), ("regulariser", regularisers)):
+        assert tuple(table[kind]) == module.names() and all(table[kind].values())
+
+
+def test_compress_with_a_structured_criterion_and_a_regulariser(trained, tmp_path):
+    tmp, _, task = trained
+    out = tmp_path / "m.dcz"
+    r = run("compress", tmp / "model.pt", "-o", out, "--task", "digits", "--sparsity", "0.5",
+            "--criterion", "l1_filter", "--allocation", "layer", "--schedule", "oneshot",
+            "--regulariser", "group_lasso", "--regulariser-strength", "1e-3",
+            "--prune-epochs", "1", "--finetune-epochs", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    model = deepcompress.load(out, task.build_model())
+    for w in (model.fc1.weight, model.fc2.weight):  # whole rows (output neurons) pruned
+        dead = (w == 0).all(dim=1)
+        assert int(dead.sum()) == round(0.5 * w.shape[0]) and bool((w[~dead] != 0).any())
+    with deepcompress.open_lazy(out) as f:
+        assert f.metadata["settings"]["regulariser"] == "group_lasso"
+    r = run("compress", tmp / "model.pt", "-o", tmp_path / "o.dcz", "--task", "digits",
+            "--regulariser", "nope")
+    assert r.exit_code == 2
