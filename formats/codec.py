@@ -11,6 +11,7 @@ capped gaps or escaped gaps.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ _TRY_PLAIN_BELOW = 1 << 20  # raw tensors up to 1 MB also try unshuffled bytes
 _CHUNK = 1 << 20  # larger ones are shuffled and compressed this many bytes at a time
 GROUP_CHUNK = 1 << 20  # grouped tensors are detected and decoded this many elements at a time
 _SAMPLE_ROWS = 8  # rows looked at before grouped detection runs over a whole tensor
+_HUGE_FROM = 1 << 22  # outputs this large are mapped with transparent huge pages where possible
 
 
 @dataclass
@@ -438,11 +440,15 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
         sizes = None
     else:
         sizes = _group_sizes(codebook.reshape(groups, k), what)
-    index = stream("index")
     layout = fields["layout"]
     expected = numel if layout == "dense" else nonzero
-    if index.size != expected:
-        raise DczError(f"{what}: index stream has {index.size} symbols, expected {expected}")
+    if payloads["index"][1] != expected:
+        raise DczError(f"{what}: index stream has {payloads['index'][1]} symbols, "
+                       f"expected {expected}")
+    if layout == "dense" and sizes is None:
+        out = _decode_dense(codebook, nonzero, payloads["index"], numel, what)
+        return torch.from_numpy(out).view(torch_dtype).reshape(shape)
+    index = stream("index")
     limit = k if layout == "dense" else k - 1
     if index.size and int(index.max()) > limit:
         raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
@@ -456,12 +462,42 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
     if sizes is not None:
         out = _decode_grouped(codebook, sizes, k, fields["group_rows"] * (numel // shape[0]),
                               index, positions, numel, what)
-    elif positions is None:
-        out = np.concatenate((np.zeros(1, int_type), codebook))[index]
     else:
-        out = np.zeros(numel, dtype=int_type)
-        out[positions] = codebook[index]
+        out = zeroed(numel, int_type)
+        out[positions] = np.take(codebook, index, mode="wrap")  # indices checked above
     return torch.from_numpy(out).view(torch_dtype).reshape(shape)
+
+
+def zeroed(numel: int, dtype: type) -> np.ndarray:
+    """A zero-filled output array; a large one is a fresh anonymous mapping advised to use huge
+    pages (first-touch page faults are most of the cost of writing out a large tensor)."""
+    nbytes = numel * np.dtype(dtype).itemsize
+    if nbytes < _HUGE_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(numel, dtype=dtype)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(area, dtype=dtype)  # the array keeps the mapping alive
+
+
+def _decode_dense(codebook: np.ndarray, nonzero: int, index: tuple, numel: int, what: str
+                  ) -> np.ndarray:
+    """A dense-layout tensor's bit patterns, decoded straight into the output a chunk of index
+    symbols at a time (each chunk checked, then looked up while it is in cache)."""
+    k = codebook.size
+    table = np.zeros(k + 1, dtype=codebook.dtype)
+    table[1:] = codebook
+    out = zeroed(numel, codebook.dtype)
+    coding, count, payload = index
+    at = found = 0
+    for symbols in streams.decode_chunks(coding, count, payload, f"{what} index stream"):
+        if int(symbols.max()) > k:
+            raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
+        found += int(np.count_nonzero(symbols))
+        np.take(table, symbols, out=out[at:at + symbols.size], mode="wrap")  # checked: <= k
+        at += symbols.size
+    if found != nonzero:
+        raise DczError(f"{what}: dense index stream holds a different number of nonzeros")
+    return out
 
 
 def _group_sizes(codebook: np.ndarray, what: str) -> np.ndarray:

@@ -581,8 +581,11 @@ class DczFile(Mapping):
                           * codec.DTYPES[self.entries[r]["dtype"]][1] for r in todo)
             self._budget(results + sum(costs[:workers]), f"decoding {len(todo)} tensors")
         if workers > 1 and len(todo) > 1:
+            # largest first, so that the big tensors do not end up last on one core (zstd and
+            # numpy release the GIL while they work)
+            order = sorted(todo, key=lambda r: decode_cost(self.entries[r]), reverse=True)
             with ThreadPoolExecutor(workers) as pool:
-                for r, t in zip(todo, pool.map(self.decode, todo), strict=True):
+                for r, t in zip(order, pool.map(self.decode, order), strict=True):
                     self._cache[r] = t
         else:
             for r in todo:

@@ -283,3 +283,41 @@ def test_a_grouped_decode_over_budget_is_refused(tmp_path):
     write(tmp_path / "m.dcz", {"w": per_row(256, 4096, 16)})
     with pytest.raises(DczError, match="memory budget"):
         read(tmp_path / "m.dcz", max_bytes=1 << 20)
+
+
+def test_a_large_dense_tensor_decodes_into_its_output(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.linspace(-1, 1, 15)
+    w = codebook[torch.randint(0, 15, (1200, 1500), generator=g)]  # 7.2 MB: a mapped output
+    w[::7] = 0
+    write(tmp_path / "big.dcz", {"w": w})
+    with DczFile(tmp_path / "big.dcz") as f:
+        assert f.entries["w"]["layout"] == "dense"
+        got = f.load()["w"]
+    assert bits(got) == bits(w)
+    got += 1  # an ordinary writable tensor
+    assert torch.equal(got, w + 1)
+
+
+def _dense_fields(symbols: np.ndarray, k: int) -> tuple[dict, dict]:
+    from deepcompress.formats import streams
+    s = streams.encode(symbols)
+    fields = {"encoding": "shared", "layout": "dense", "clusters": k,
+              "nonzero": int(np.count_nonzero(symbols))}
+    cb = np.arange(1, k + 1, dtype=np.float32).view(np.uint8).tobytes()
+    return fields, {"codebook": ("raw", len(cb), cb), "index": (s.coding, s.count, s.payload)}
+
+
+@pytest.mark.parametrize("where", [0, 70_000, 299_999])
+def test_a_dense_symbol_past_the_codebook_is_refused_in_any_chunk(where):
+    symbols = np.random.default_rng(0).integers(0, 5, 300_000).astype(np.uint8)
+    symbols[where] = 5  # K = 4: symbols 0..4 only
+    fields, payloads = _dense_fields(symbols, 4)
+    with pytest.raises(DczError, match="past the codebook"):
+        codec.decode_tensor(fields, "float32", [300_000], payloads, "t")
+    fields["nonzero"] -= 1
+    symbols[where] = 0
+    fields, payloads = _dense_fields(symbols, 4)
+    fields["nonzero"] += 1
+    with pytest.raises(DczError, match="different number of nonzeros"):
+        codec.decode_tensor(fields, "float32", [300_000], payloads, "t")
