@@ -5,6 +5,7 @@ The CLI's `compress` only parses flags into a CompressConfig and prints what thi
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,7 +61,18 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike,
     report.stages[-1].bytes = size
     report.stages[-1].seconds = time.perf_counter() - started
     report.output = str(dst)
+    report.peak_memory = _peak_rss()
     return report
+
+
+def _peak_rss() -> int | None:
+    """Peak resident memory of this process in bytes (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _changed(config: CompressConfig) -> dict:

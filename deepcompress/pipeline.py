@@ -212,6 +212,7 @@ class Report:
     layers: list[LayerRow] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     output: str | None = None  # the .dcz written, when compress_file wrote one
+    peak_memory: int | None = None  # the process's peak resident bytes, when compress_file ran
 
     @property
     def ratio(self) -> float:
@@ -385,6 +386,8 @@ def render_report(report: Report) -> str:
         err = f"  output error {s.output_error:.3g}" if s.output_error is not None else ""
         lines.append(f"{s.name:<8} {val:>7} {test:>7} {s.nonzero:>10} {s.weights:>10} "
                      f"{s.bytes:>10} {dense / max(s.bytes, 1):>6.1f}x {s.seconds:>8.1f}{err}")
+    if report.peak_memory is not None:
+        lines.append(f"peak memory {report.peak_memory / 2**20:.0f} MiB")
     lines.append("")
     lines.append(f"{'tensor':<32} {'weights':>9} {'density':>8} {'clusters':>8} {'rel L2':>8} "
                  f"{'SQNR dB':>8} {'out err':>8}")

@@ -10,7 +10,7 @@ from deepcompress import CompressConfig, compress_file
 from deepcompress.errors import DeepCompressError
 from deepcompress.formats import dcz
 from deepcompress.models import digits_mlp
-from deepcompress.pipeline import compress
+from deepcompress.pipeline import compress, render_report
 from deepcompress.train import evaluate
 
 QUICK = dict(sparsity=0.8, bits=5, rounds=1, schedule="iterative", prune_epochs=1,
@@ -29,6 +29,7 @@ def test_with_a_task_the_file_runs_and_the_report_has_its_bytes(files, task, tmp
     out = tmp_path / "m.dcz"
     report = compress_file(files / "m.pt", out, CompressConfig(**QUICK), task)
     assert report.output == str(out) and report.bytes == out.stat().st_size
+    assert 10 << 20 < report.peak_memory < 64 << 30 and "peak memory" in render_report(report)
     assert [s.name for s in report.stages] == ["dense", "pruned", "shared"]
     model = deepcompress.load(out)  # the architecture is inside
     assert evaluate(model, task, "test") == pytest.approx(report.stages[-1].test_metric)
