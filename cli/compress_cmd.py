@@ -72,6 +72,10 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--schedule", type=click.Choice(_schedules.names()),
               help="When to prune, with a task: agp (cubic ramp while training; default), "
               "iterative (the paper's prune-retrain rounds), oneshot. Example: --schedule agp")
+@click.option("--structured", is_flag=True, default=None, help="With a task and a structured "
+              "criterion (l1_filter, fpgm, ...): after pruning, remove the all-zero neurons and "
+              "filters for real (smaller tensors, a smaller embedded architecture, faster); layers "
+              "where that is not exact (residual adds, concatenations) keep theirs, reported.")
 @click.option("--regulariser", type=click.Choice(_regularisers.names()),
               help="Penalty added to the loss while retraining with a task: slimming (L1 on "
               "BatchNorm scales; then --criterion bn_scale), group_lasso (L2 norms of filters). "
@@ -101,7 +105,7 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              arch: str | None, calib: str | None, distill_epochs: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
-             schedule: str | None, regulariser: str | None,
+             schedule: str | None, structured: bool | None, regulariser: str | None,
              regulariser_strength: float | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
              config_file: str | None, report_file: str | None, no_arch: bool,
@@ -127,7 +131,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
-             "regulariser": regulariser, "regulariser_strength": regulariser_strength,
+             "structured": structured, "regulariser": regulariser,
+             "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
              "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -33,6 +33,7 @@ from .quantize import (
     shareable,
     weight_error,
 )
+from .structured import ShrinkReport, shrink
 from .tasks import Task
 from .train import TrainConfig, evaluate, fit
 
@@ -58,6 +59,7 @@ class CompressConfig:
     agp_steps: int | None = None  # agp: epochs over which sparsity rises (None: 40% of them)
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
+    structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
     regulariser: str | None = None  # with a task: slimming, group_lasso (deepcompress.regularisers)
     regulariser_strength: float = 1e-4  # its weight in the loss
     lr: float = 0.01
@@ -213,6 +215,7 @@ class Report:
     config: dict = field(default_factory=dict)
     output: str | None = None  # the .dcz written, when compress_file wrote one
     peak_memory: int | None = None  # the process's peak resident bytes, when compress_file ran
+    shrunk: ShrinkReport | None = None  # with structured pruning: the channels each layer kept
 
     @property
     def ratio(self) -> float:
@@ -315,6 +318,11 @@ def compress(model: nn.Module, task: Task | None = None,
     if config.prunes:
         t = time.perf_counter()
         prune_stage(model, task, config)
+        if config.structured:
+            if task is None:
+                raise CompressError("structured: removing channels needs a task (its example "
+                                    "input traces the model); drop --structured or give --task")
+            report.shrunk = shrink(model, task.example_input)
         report.stages.append(_stage("pruned", model, task, t))
     t = time.perf_counter()
     shares = share_stage(model, task, config)
@@ -326,7 +334,8 @@ def compress(model: nn.Module, task: Task | None = None,
             continue
         layer = name.rsplit(".", 1)[0]
         shared = name.endswith(".weight") and layer in by_layer
-        rel, sqnr = weight_error(reference[name], tensor) if name in reference else (None, None)
+        same = name in reference and reference[name].shape == tensor.shape  # shrunk: no
+        rel, sqnr = weight_error(reference[name], tensor) if same else (None, None)
         report.layers.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)),
                                       by_layer[layer].n_clusters if shared else 0, rel, sqnr))
     return model, report
