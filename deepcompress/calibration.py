@@ -276,13 +276,7 @@ def _block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> l
         raise _Stop
 
     with _hooks([block.register_forward_pre_hook(hook, with_kwargs=True)]):
-        for i, batch in enumerate(batches):
-            try:
-                run_model(model, batch)
-            except _Stop:
-                continue
-            raise CompressError(f"calibration batch {i}: a block never ran in the model's forward; "
-                                "give blocks= that the forward calls")
+        _run_to_block(model, batches)
     return cache
 
 
@@ -322,19 +316,24 @@ def calibrate_blocks(model: nn.Module, batches: Iterable[Batch],
     return mode
 
 
+def _run_to_block(model: nn.Module, batches: Iterable[Batch]) -> None:
+    """Run each batch until a hook raises _Stop at the block; an error if one never gets there."""
+    for i, batch in enumerate(batches):
+        try:
+            run_model(model, batch)
+        except _Stop:
+            continue
+        raise CompressError(f"calibration batch {i}: a block never ran in the model's forward; "
+                            "give blocks= that the forward calls")
+
+
 def _run_through(model: nn.Module, block: nn.Module, batches: list[Batch]) -> None:
     """Run each batch through the model up to the end of block's first call."""
     def hook(mod: nn.Module, args: tuple, out: Any) -> None:
         raise _Stop
 
     with _hooks([block.register_forward_hook(hook)]):
-        for i, batch in enumerate(batches):
-            try:
-                run_model(model, batch)
-            except _Stop:
-                continue
-            raise CompressError(f"calibration batch {i}: a block never ran in the model's forward; "
-                                    "give blocks= that the forward calls")
+        _run_to_block(model, batches)
 
 
 def read_calibration(spec: str, batch_size: int = 64) -> list[Batch]:

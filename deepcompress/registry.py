@@ -1,6 +1,7 @@
 """Classes found by name: one registry each for criteria, allocations and schedules."""
 from __future__ import annotations
 
+import inspect
 from typing import Generic, TypeVar
 
 from deepcompress.errors import CompressError
@@ -32,6 +33,12 @@ class Registry(Generic[T]):
             return self._classes[name]
         except (KeyError, TypeError):
             raise CompressError(f"{self.kind} {name!r}: unknown; use one of {', '.join(self.names())}") from None
+
+    def make(self, name: str, **settings: object) -> object:
+        """An instance of the class registered as name, given those settings its constructor takes."""
+        cls = self.get(name)
+        known = set(inspect.signature(cls).parameters)
+        return cls(**{k: v for k, v in settings.items() if k in known})
 
     def names(self) -> tuple[str, ...]:
         """Registered names, in registration order."""

@@ -11,7 +11,6 @@ regulariser instead of turning it into a dict.
 """
 from __future__ import annotations
 
-import inspect
 from fnmatch import fnmatch
 from typing import ClassVar
 
@@ -52,13 +51,9 @@ registry: Registry[type[Regulariser]] = Registry("regulariser")
 register = registry.register
 get = registry.get
 names = registry.names
+make = registry.make  # the instance registered as name, from the settings it takes
 
 
-def make(name: str, **settings: object) -> Regulariser:
-    """The regulariser registered as name, built from those of settings its constructor takes."""
-    cls = get(name)
-    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return cls(**{k: v for k, v in settings.items() if k in known})
 
 
 def _zero(model: nn.Module) -> Tensor:

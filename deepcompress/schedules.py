@@ -7,7 +7,7 @@ moves the allocation's target along the schedule with `map_targets` / `Allocatio
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -57,13 +57,9 @@ registry: Registry[type[Schedule]] = Registry("schedule")
 register = registry.register
 get = registry.get
 names = registry.names
+make = registry.make  # the instance registered as name, from the settings it takes
 
 
-def make(name: str, **settings: object) -> Schedule:
-    """The schedule registered as name, built from those of settings it has fields for."""
-    cls = get(name)
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in settings.items() if k in known})
 
 
 def _densities(model: nn.Module) -> dict[str, float]:
