@@ -76,6 +76,11 @@ def check_output(out: str, force: bool) -> Path:
               "criterion (l1_filter, fpgm, ...): after pruning, remove the all-zero neurons and "
               "filters for real (smaller tensors, a smaller embedded architecture, faster); layers "
               "where that is not exact (residual adds, concatenations) keep theirs, reported.")
+@click.option("--target-ratio", type=float, help="Data-free: choose each tensor's bits (1 to 8) "
+              "so the file is this many times smaller than fp32, at the smallest weight error, "
+              "from the bytes each choice really codes to. Example: --target-ratio 20")
+@click.option("--target-bytes", type=int, help="Data-free: the same for a file size in bytes. "
+              "Example: --target-bytes 2000000")
 @click.option("--regulariser", type=click.Choice(_regularisers.names()),
               help="Penalty added to the loss while retraining with a task: slimming (L1 on "
               "BatchNorm scales; then --criterion bn_scale), group_lasso (L2 norms of filters). "
@@ -105,7 +110,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              arch: str | None, calib: str | None, distill_epochs: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
-             schedule: str | None, structured: bool | None, regulariser: str | None,
+             schedule: str | None, structured: bool | None, target_ratio: float | None,
+             target_bytes: int | None, regulariser: str | None,
              regulariser_strength: float | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
              config_file: str | None, report_file: str | None, no_arch: bool,
@@ -131,7 +137,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
-             "structured": structured, "regulariser": regulariser,
+             "structured": structured, "target_ratio": target_ratio,
+             "target_bytes": target_bytes, "regulariser": regulariser,
              "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
              "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}

@@ -14,13 +14,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .budget import choose_bits, rate_points, shared_at
 from .calibrated import compress_calibrated
 from .calibration import as_batches, check_runs, read_calibration
 from .errors import CompressError
 from .formats.readers import iter_safetensors, read_model
 from .inputs import build_model
 from .io import export_program, save
-from .pipeline import CompressConfig, LayerRow, Report, Stage, compress, compress_tensors
+from .pipeline import (
+    CompressConfig,
+    LayerRow,
+    Report,
+    Stage,
+    compress,
+    compress_tensors,
+    prune_tensor,
+    share_config,
+)
 from .tasks import Task
 
 
@@ -170,6 +180,9 @@ def _data_free(src: Path, dst: Path, config: CompressConfig,
 
     rows: list[LayerRow] = []
     program = exported or (model_file.program if model_file is not None and architecture else None)
+    if config.has_target:
+        tensors = model_file.tensors if model_file is not None else dict(iter_safetensors(src))
+        return _to_target(tensors, dst, config, meta, program)
     stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
     with _bar(count, config.quiet, "compress") as bar:
         size = save(stream, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))
@@ -177,5 +190,38 @@ def _data_free(src: Path, dst: Path, config: CompressConfig,
     nonzero = sum(r.nonzero for r in rows)
     report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
                             Stage("shared", None, None, weights, nonzero, size, 0.0)],
+                    layers=rows, config=vars(config))
+    return report, size
+
+
+def _to_target(tensors: dict[str, torch.Tensor], dst: Path, config: CompressConfig, meta: dict,
+               program: object | None) -> tuple[Report, int]:
+    """Data-free to a size: prune if asked, then per-tensor bits from the coded bytes of every
+    choice (deepcompress.budget); if the header pushes the file over, the tensors get less."""
+    dense = 4 * sum(t.numel() for t in tensors.values())
+    target = config.target_bytes or int(dense / config.target_ratio)
+    if isinstance(config.sparsity, dict):
+        raise CompressError("per-layer sparsity needs a model; without a task give one number")
+    pruned = {n: prune_tensor(t, config) for n, t in tensors.items()}
+    init = share_config(config, with_task=False).init
+    rate = rate_points(pruned, init, config.seed, config.quiet)
+    room = target - 64 - 48 * len(tensors)  # preamble, trailer and about a header record each
+    for _ in range(3):
+        choices = choose_bits(rate, room)
+        bits = {c.name: c.bits for c in choices}
+        stream = ((n, shared_at(t, bits[n], init, config.seed) if n in bits else t)
+                  for n, t in pruned.items())
+        size = save(stream, dst, {**meta, "target_bytes": target}, program=program)
+        if size <= target:
+            break
+        room -= size - target
+    by_name = {c.name: c for c in choices}
+    rows = [LayerRow(n, t.numel(), int(torch.count_nonzero(t)),
+                     1 << by_name[n].bits if n in by_name else 0,
+                     by_name[n].rel_error ** 0.5 if n in by_name else None) for n, t in pruned.items()]
+    weights = sum(r.weights for r in rows)
+    report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
+                            Stage("shared", None, None, weights, sum(r.nonzero for r in rows), size,
+                                  0.0)],
                     layers=rows, config=vars(config))
     return report, size

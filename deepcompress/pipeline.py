@@ -60,6 +60,8 @@ class CompressConfig:
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
+    target_bytes: int | None = None  # data-free: per-tensor bits chosen to fit this file size
+    target_ratio: float | None = None  # data-free: the same, as fp32 size / file size
     regulariser: str | None = None  # with a task: slimming, group_lasso (deepcompress.regularisers)
     regulariser_strength: float = 1e-4  # its weight in the loss
     lr: float = 0.01
@@ -102,6 +104,16 @@ class CompressConfig:
             raise CompressError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant")
         _check_unit(self.agp_initial, "agp_initial")
         schedules.get(self.schedule)
+        if self.target_bytes is not None and self.target_ratio is not None:
+            raise CompressError("give target_bytes or target_ratio, not both")
+        if self.target_bytes is not None and not (isinstance(self.target_bytes, int)
+                                                  and self.target_bytes > 0):
+            raise CompressError(f"target_bytes {self.target_bytes!r}: must be a positive whole number")
+        if self.target_ratio is not None and not (isinstance(self.target_ratio, (int, float))
+                                                  and self.target_ratio > 1):
+            raise CompressError(f"target_ratio {self.target_ratio!r}: must be above 1, e.g. 20")
+        if self.has_target and self.bits is not None:
+            raise CompressError("a size target chooses the bits itself; drop bits or the target")
         if self.regulariser is not None:
             regularisers.make(self.regulariser, strength=self.regulariser_strength)
         if self.init is not None and self.init not in INITS:
@@ -119,6 +131,11 @@ class CompressConfig:
             raise CompressError(f"bias_bits {self.bias_bits!r}: must be 1 to 8, or none")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise CompressError(f"lr {self.lr!r}: must be a positive number, e.g. 0.01")
+
+    @property
+    def has_target(self) -> bool:
+        """Whether a file size (or ratio) target chooses the bits."""
+        return self.target_bytes is not None or self.target_ratio is not None
 
     @property
     def prunes(self) -> bool:
@@ -362,6 +379,19 @@ def compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compress
     return _compress_tensors(items, config, rows, 1 << int(bits), sc.init)
 
 
+def prune_tensor(tensor: torch.Tensor, config: CompressConfig) -> torch.Tensor:
+    """Data-free pruning of one shareable tensor by magnitude, as config asks (layers under
+    min_weights stay whole, as with a model)."""
+    w = tensor.detach()
+    if not shareable(w) or w.numel() < config.min_weights:
+        return w
+    if config.quality is not None:
+        return torch.where(std_mask(w, config.quality).bool(), w, 0.0)
+    if config.sparsity is not None:
+        return torch.where(sparsity_mask(w, float(config.sparsity)).bool(), w, 0.0)
+    return w
+
+
 def _compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: CompressConfig,
                       rows: list[LayerRow], k: int, init: str
                       ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -370,12 +400,7 @@ def _compress_tensors(items: Iterable[tuple[str, torch.Tensor]], config: Compres
             rows.append(LayerRow(name, tensor.numel(), int(torch.count_nonzero(tensor)), 0))
             yield name, tensor
             continue
-        w = tensor.detach()
-        prunable = tensor.numel() >= config.min_weights  # as with a model: small layers stay whole
-        if prunable and config.quality is not None:
-            w = torch.where(std_mask(w, config.quality).bool(), w, 0.0)
-        elif prunable and config.sparsity is not None:
-            w = torch.where(sparsity_mask(w, float(config.sparsity)).bool(), w, 0.0)
+        w = prune_tensor(tensor, config)
         codebook, index = cluster_weight(w, k, init=init, seed=config.seed)
         shared = torch.where(index >= 0, codebook[index.clamp_min(0).long()], 0.0).to(w.dtype)
         rel, sqnr = weight_error(tensor, shared)

@@ -1,0 +1,105 @@
+"""Budgets instead of knobs: per-tensor bits chosen so that a file meets a size at the smallest
+error, from the bytes each choice really costs once coded (not from bits x weights).
+
+Data-free, the error is a weight-space proxy: each tensor's relative squared error
+||w - q(w)||^2 / ||w||^2, summed over tensors (a layer's output error follows its relative
+weight error, whatever its size). Each shared tensor is clustered at every bit width once and
+encoded to learn its real bytes; then bits are lowered greedily where a byte saved costs the
+least error (a Lagrangian descent over the per-tensor rate-distortion points), until the
+tensors fit.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import CompressError
+from .formats import codec
+from .kmeans import cluster_weight
+from .quantize import shareable
+
+BITS = tuple(range(1, 9))
+
+
+@dataclass
+class Choice:
+    """One shared tensor's bit width chosen for the budget, with its coded bytes and error."""
+
+    name: str
+    bits: int
+    bytes: int
+    rel_error: float
+
+
+def _shared(w: Tensor, bits: int, init: str, seed: int) -> Tensor:
+    codebook, index = cluster_weight(w, 1 << bits, init=init, seed=seed)
+    return torch.where(index >= 0, codebook[index.clamp_min(0).long()], 0.0).to(w.dtype)
+
+
+def _rel_error(w: Tensor, q: Tensor) -> float:
+    ref = w.detach().double()
+    sig = float((ref * ref).sum())
+    return float(((ref - q.double()) ** 2).sum()) / sig if sig else 0.0
+
+
+@dataclass
+class RatePoints:
+    """Every shared tensor's (bits, coded bytes, relative error) points, and the bytes of the rest."""
+
+    points: dict[str, list[tuple[int, int, float]]]
+    fixed: int
+
+
+def rate_points(tensors: Mapping[str, Tensor], init: str = "optimal", seed: int = 0,
+                quiet: bool = True) -> RatePoints:
+    """Cluster and encode each shareable tensor at every bit width; encode the others once."""
+    from tqdm import tqdm
+
+    fixed = 0
+    points: dict[str, list[tuple[int, int, float]]] = {}
+    for name, w in tqdm(tensors.items(), disable=quiet, desc="rate-distortion", unit="tensor",
+                        leave=False):
+        if not shareable(w):
+            fixed += codec.encode_tensor(w).nbytes
+            continue
+        points[name] = [(b, codec.encode_tensor(q).nbytes, _rel_error(w, q))
+                        for b in BITS for q in (_shared(w.detach(), b, init, seed),)]
+    return RatePoints(points, fixed)
+
+
+def choose_bits(rate: RatePoints, target_bytes: int) -> list[Choice]:
+    """Bits per shared tensor whose coded tensors, with the others, take at most target_bytes at
+    the smallest summed relative error (greedy: lower bits where a byte costs least error)."""
+    points, fixed = rate.points, rate.fixed
+    at = {name: len(BITS) - 1 for name in points}  # start at 8 bits everywhere
+
+    def total() -> int:
+        return fixed + sum(points[n][i][1] for n, i in at.items())
+
+    while total() > target_bytes:
+        best, best_slope = None, None
+        for name, i in at.items():
+            if i == 0:
+                continue
+            (_, b1, e1), (_, b0, e0) = points[name][i], points[name][i - 1]
+            if b1 - b0 <= 0:  # fewer bits, no fewer bytes: no reason to stay
+                best = name
+                break
+            slope = (e0 - e1) / (b1 - b0)
+            if best_slope is None or slope < best_slope:
+                best, best_slope = name, slope
+        if best is None:
+            floor = fixed + sum(p[0][1] for p in points.values())
+            raise CompressError(f"target {target_bytes} B: even 1 bit everywhere takes {floor} B "
+                                f"(tensors that are not shared: {fixed} B); ask for a larger "
+                                "file, or prune too")
+        at[best] -= 1
+    return [Choice(n, *points[n][i]) for n, i in at.items()]
+
+
+def shared_at(w: Tensor, bits: int, init: str = "optimal", seed: int = 0) -> Tensor:
+    """w shared into 2^bits clusters (what rate_points measured for that width)."""
+    return _shared(w.detach(), bits, init, seed)

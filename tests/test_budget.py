@@ -1,0 +1,49 @@
+"""Size targets: per-tensor bits from the coded bytes of every choice (deepcompress.budget)."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deepcompress import CompressConfig, compress_file
+from deepcompress.budget import choose_bits, rate_points
+from deepcompress.cli.main import main
+from deepcompress.errors import CompressError
+
+
+@pytest.fixture(scope="module")
+def state(trained):
+    return {k: v.detach().clone() for k, v in trained.state_dict().items()}
+
+
+def test_the_file_meets_the_target_at_less_error_than_uniform_bits(state, tmp_path):
+    rate = rate_points(state)
+    for target in (9000, 14000, 30000):
+        choices = choose_bits(rate, target)
+        assert rate.fixed + sum(c.bytes for c in choices) <= target
+        # the best single bit width that fits has at least the error of the per-tensor choice
+        uniform = [b for b in range(8, 0, -1)
+                   if rate.fixed + sum(p[b - 1][1] for p in rate.points.values()) <= target]
+        if uniform:
+            b = uniform[0]
+            assert sum(c.rel_error for c in choices) <= sum(p[b - 1][2] for p in rate.points.values())
+    torch.save(state, tmp_path / "m.pt")
+    report = compress_file(tmp_path / "m.pt", tmp_path / "m.dcz",
+                           CompressConfig(target_bytes=12000, quiet=True))
+    assert report.bytes == (tmp_path / "m.dcz").stat().st_size <= 12000
+    report = compress_file(tmp_path / "m.pt", tmp_path / "r.dcz",
+                           CompressConfig(target_ratio=15, sparsity=0.5, quiet=True))
+    assert report.ratio >= 15 and any(r.nonzero < r.weights / 1.9 for r in report.layers)
+
+
+def test_an_impossible_target_says_the_smallest_size(state):
+    with pytest.raises(CompressError, match="even 1 bit everywhere takes"):
+        choose_bits(rate_points(state), 100)
+
+
+def test_cli_target_and_bits_conflict(trained, tmp_path):
+    torch.save(trained.state_dict(), tmp_path / "m.pt")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.dcz"),
+                                  "--target-ratio", "20", "--bits", "4"])
+    assert r.exit_code == 2 and "drop bits or the target" in r.output
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.dcz"),
+                                  "--target-ratio", "20", "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "o.dcz").stat().st_size <= 202440 / 20
