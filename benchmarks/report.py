@@ -146,6 +146,29 @@ def codec_section(r: dict) -> list[str]:
     return out
 
 
+def criteria_section(r: dict) -> list[str]:
+    """One row per criterion or schedule: mean over seeds with half the spread (max - min) / 2."""
+    out = [f"{NAMES[r['model']]}, seeds {r['seeds']}, {r['epochs']} retraining epochs for every row; "
+           "unstructured rows prune 96.5% of the weights (global), structured rows remove "
+           f"{100 * r['channels']:.0f}% of the neurons of every hidden layer for real. Mean ± half "
+           "the spread over seeds; latency is one forward pass on one thread.", "",
+           "| method | test accuracy | .dcz bytes | weights kept | latency batch 1 | batch 64 |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    def stat(runs: list[dict], key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+        vals = [scale * x[key] for x in runs]
+        mean, half = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+        return f"{fmt.format(mean)} ± {fmt.format(half)}"
+
+    for name, runs in r["rows"].items():
+        kept = (f"{100 * sum(x['nonzero'] for x in runs) / sum(x['weights'] for x in runs):.1f}% of "
+                f"{runs[0]['weights']:,}" if "nonzero" in runs[0] else "100%")
+        out.append(f"| {name} | {stat(runs, 'test_accuracy', 100)}% | "
+                   f"{stat(runs, 'bytes', 1, '{:,.0f}')} | {kept} | "
+                   f"{stat(runs, 'latency_1', 1e6, '{:.0f}')} µs | "
+                   f"{stat(runs, 'latency_64', 1e6, '{:.0f}')} µs |")
+    return out
+
+
 def main() -> None:
     t1 = [r for r in (load("lenet300.json"), load("lenet5.json")) if r]
     pr = [r for r in (load("prune_lenet300.json"), load("prune_lenet5.json")) if r]
@@ -208,6 +231,13 @@ def main() -> None:
                "`python benchmarks/kmeans.py --out benchmarks/results/kmeans.json`; scikit-learn "
                "runs on a 1M subsample (the full layer is far too slow for it), ours on the "
                "full layer and on the same subsample.", ""] + kmeans_section(km) + [""]
+    crit = [x for x in (load(f"criteria-{m}.json") for m in NAMES) if x]
+    if crit:
+        md += ["## Pruning criteria side by side", "",
+               "`python benchmarks/criteria.py --model MODEL --data-dir ../shared/data/mnist "
+               "--seeds 0,1 --out benchmarks/results/criteria-MODEL.json`", ""]
+        for r in crit:
+            md += criteria_section(r) + [""]
     if codec:
         md += ["## Codec", "", "`python benchmarks/codec.py --out benchmarks/results/codec.json`",
                ""] + codec_section(codec) + [""]
