@@ -76,6 +76,12 @@ def check_output(out: str, force: bool) -> Path:
               "criterion (l1_filter, fpgm, ...): after pruning, remove the all-zero neurons and "
               "filters for real (smaller tensors, a smaller embedded architecture, faster); layers "
               "where that is not exact (residual adds, concatenations) keep theirs, reported.")
+@click.option("--channels", type=float, help="With a task, before pruning: remove this fraction "
+              "of every hidden layer's neurons and filters for real (ranked by "
+              "--channel-criterion, default l1_filter), retrain, then prune the smaller model as "
+              "asked. Example: --channels 0.5")
+@click.option("--channel-criterion", help="Structured criterion for --channels: l1_filter, fpgm, "
+              "taylor_filter, apoz, bn_scale. Example: --channel-criterion fpgm")
 @click.option("--target-ratio", type=float, help="Data-free: choose each tensor's bits (1 to 8) "
               "so the file is this many times smaller than fp32, at the smallest weight error, "
               "from the bytes each choice really codes to. Example: --target-ratio 20")
@@ -110,7 +116,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              arch: str | None, calib: str | None, distill_epochs: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
-             schedule: str | None, structured: bool | None, target_ratio: float | None,
+             schedule: str | None, structured: bool | None, channels: float | None,
+             channel_criterion: str | None, target_ratio: float | None,
              target_bytes: int | None, regulariser: str | None,
              regulariser_strength: float | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
@@ -137,7 +144,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     flags = {"sparsity": parse_sparsity(sparsity) if sparsity else None, "quality": quality,
              "bits": (int(bits) if bits and bits.isdigit() else bits), "init": init,
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
-             "structured": structured, "target_ratio": target_ratio,
+             "structured": structured, "channels": channels,
+             "channel_criterion": channel_criterion, "target_ratio": target_ratio,
              "target_bytes": target_bytes, "regulariser": regulariser,
              "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,

@@ -21,7 +21,7 @@ from .errors import CompressError
 from .formats import dcz
 from .kmeans import INITS, cluster_weight
 from .parametrize import baked_state_dict
-from .prune import PruneConfig, layer_stats, prune, sparsity_mask, std_mask
+from .prune import PruneConfig, layer_stats, prune, select_layers, sparsity_mask, std_mask
 from .quantize import (
     DATA_FREE_BITS,
     DATA_FREE_INIT,
@@ -60,6 +60,8 @@ class CompressConfig:
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
+    channels: float | None = None  # with a task, first: remove this fraction of every hidden
+    channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
     target_bytes: int | None = None  # data-free: per-tensor bits chosen to fit this file size
     target_ratio: float | None = None  # data-free: the same, as fp32 size / file size
     regulariser: str | None = None  # with a task: slimming, group_lasso (deepcompress.regularisers)
@@ -104,6 +106,11 @@ class CompressConfig:
             raise CompressError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant")
         _check_unit(self.agp_initial, "agp_initial")
         schedules.get(self.schedule)
+        if self.channels is not None:
+            _check_unit(self.channels, "channels")
+        if not getattr(criteria.get(self.channel_criterion), "structured", False):
+            raise CompressError(f"channel_criterion {self.channel_criterion!r}: not a structured "
+                                "criterion; use l1_filter, fpgm, taylor_filter or apoz")
         if self.target_bytes is not None and self.target_ratio is not None:
             raise CompressError("give target_bytes or target_ratio, not both")
         if self.target_bytes is not None and not (isinstance(self.target_bytes, int)
@@ -298,6 +305,18 @@ def prune_stage(model: nn.Module, task: Task | None, config: CompressConfig) -> 
     return bake(model)
 
 
+def channel_stage(model: nn.Module, task: Task, config: CompressConfig) -> ShrinkReport:
+    """Stage 0 in place: remove config.channels of every hidden layer's neurons or filters (the
+    output layer's rows are the outputs: kept), retrain once, and shrink the model for real."""
+    layers = list(select_layers(model, PruneConfig(min_weights=0)))
+    hidden = {name: config.channels for name in layers[:-1]}
+    pc = PruneConfig(criterion=config.channel_criterion, allocation="layer", sparsity=0.0,
+                     layers=hidden, include=tuple(hidden), min_weights=0)
+    schedules.make("oneshot").run(model, task, pc, _train_config(config))
+    bake(model)
+    return shrink(model, task.example_input)
+
+
 def share_config(config: CompressConfig, with_task: bool) -> ShareConfig:
     """The one place where unset bits and init get their defaults: the paper's bits with a task
     (retraining recovers), 8 bits and the lowest-error clustering without."""
@@ -332,6 +351,13 @@ def compress(model: nn.Module, task: Task | None = None,
     dense_state = model.state_dict()
     report.stages.append(_stage("dense", model, task, t0, size=_fp32_bytes(dense_state)))
     reference = {k: v.detach().clone() for k, v in dense_state.items()}
+    if config.channels:
+        if task is None:
+            raise CompressError("channels: removing neurons needs a task to retrain on; drop "
+                                "--channels or give --task")
+        t = time.perf_counter()
+        report.shrunk = channel_stage(model, task, config)
+        report.stages.append(_stage("channels", model, task, t))
     if config.prunes:
         t = time.perf_counter()
         prune_stage(model, task, config)

@@ -10,6 +10,7 @@ from deepcompress.cli.main import main
 from deepcompress.errors import CompressError
 from deepcompress.models import digits_mlp, lenet5
 from deepcompress.structured import shrink
+from deepcompress.train import evaluate
 
 
 def kill(module: nn.Module, rows: list[int]) -> None:
@@ -137,3 +138,20 @@ def test_cli_structured_writes_a_smaller_runnable_network(tmp_path, trained, tas
     assert runnable(task.test[0][:9]).shape == (9, 10)
     with pytest.raises(deepcompress.DeepCompressError):
         deepcompress.load(out, digits_mlp())  # the original class no longer fits
+
+
+def test_channels_then_unstructured_pruning_in_one_run(trained, task):
+    import copy
+
+    from deepcompress import CompressConfig, compress
+
+    model, report = compress(copy.deepcopy(trained), task, CompressConfig(
+        channels=0.5, sparsity=0.8, allocation="layer", schedule="oneshot", prune_epochs=1,
+        finetune_epochs=0, bits=5, quiet=True))
+    assert [s.name for s in report.stages] == ["dense", "channels", "pruned", "shared"]
+    assert (model.fc1.out_features, model.fc2.out_features, model.fc3.out_features) == (150, 50, 10)
+    w = model.fc2.weight
+    assert int((w == 0).sum()) == round(0.8 * w.numel())
+    assert evaluate(model, task, "test") > 0.8
+    with pytest.raises(CompressError, match="not a structured criterion"):
+        CompressConfig(channels=0.5, channel_criterion="magnitude")
