@@ -5,7 +5,9 @@ the distinct nonzero bit patterns and each nonzero is an index into it; zero (al
 structural. One with more, but at most 256 per row (a model quantized per output channel), gets
 one codebook per row (grouped sharing, SPEC.md 2.1). A quantizer can declare its codebooks
 (`Shared`) instead of having them found. Positions take the smallest layout (csr.py): dense,
-capped gaps or escaped gaps.
+capped gaps or escaped gaps, over the whole tensor or over its alive rows and columns only
+(dead lines, SPEC.md 2.5); the indices of small tensors are context coded (context.py) when
+that is smaller.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import csr, streams
+from . import context, csr, streams
 from .errors import DczError
 from .streams import Stream
 
@@ -42,6 +44,10 @@ _CHUNK = 1 << 20  # larger ones are shuffled and compressed this many bytes at a
 GROUP_CHUNK = 1 << 20  # grouped tensors are detected and decoded this many elements at a time
 _SAMPLE_ROWS = 8  # rows looked at before grouped detection runs over a whole tensor
 _HUGE_FROM = 1 << 22  # outputs this large are mapped with transparent huge pages where possible
+
+
+# the order of a shared entry's streams in the file (SPEC.md 2.4)
+STREAM_ORDER = ("codebook", "index", "gaps", "long_gaps", "rows", "cols")
 
 
 @dataclass
@@ -275,12 +281,10 @@ def _grouped_declared(codebook: np.ndarray, index: np.ndarray, rows: int, group_
     return out, positions, mapped[positions].astype(np.uint8)
 
 
-def _shared_streams(codebook: np.ndarray, positions: np.ndarray, index: np.ndarray, numel: int,
-                    grouping: tuple[int, int] | None = None) -> Encoded:
-    """The entry of a shared tensor from its codebook bit patterns (flat, or [G, K] with
-    grouping = (G, group_rows)), its nonzero positions and their indices: the smallest layout."""
-    k, nonzero = codebook.shape[-1] if codebook.ndim else 0, positions.size
-    index_counts = np.bincount(index, minlength=256)
+def _layouts(positions: np.ndarray, index_counts: np.ndarray, numel: int, k: int
+             ) -> dict[tuple[str, int], int]:
+    """Estimated bytes of the positions and indices in each layout."""
+    nonzero = positions.size
     layouts: dict[tuple[str, int], int] = {}
     if k < MAX_CLUSTERS:
         dense_counts = np.concatenate(([numel - nonzero], index_counts[:255]))
@@ -294,17 +298,74 @@ def _shared_streams(codebook: np.ndarray, positions: np.ndarray, index: np.ndarr
             layouts[("capped", g)] = streams.stream_size(counts) + index_size
         esc_counts, varint_bytes = csr.escape_counts(gap)
         layouts[("escape", 0)] = streams.stream_size(esc_counts) + varint_bytes + index_size
-    layout, g = min(layouts, key=layouts.get)
+    return layouts
+
+
+def _lines_of(positions: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows and which columns of the matrix view hold a nonzero."""
+    alive_rows = np.zeros(rows, dtype=bool)
+    alive_cols = np.zeros(cols, dtype=bool)
+    alive_rows[positions // cols] = True
+    alive_cols[positions % cols] = True
+    return alive_rows, alive_cols
+
+
+def _compact(positions: np.ndarray, alive_rows: np.ndarray, alive_cols: np.ndarray
+             ) -> np.ndarray:
+    """Positions in the matrix of the alive rows and columns only (still row-major, sorted)."""
+    cols = alive_cols.size
+    row_rank = np.cumsum(alive_rows) - 1
+    col_rank = np.cumsum(alive_cols) - 1
+    return row_rank[positions // cols] * int(alive_cols.sum()) + col_rank[positions % cols]
+
+
+def _expand(sub: np.ndarray, alive: tuple[np.ndarray, np.ndarray], cols: int) -> np.ndarray:
+    """Positions in the whole matrix of positions in the alive submatrix (rows, cols indices)."""
+    rows_at, cols_at = alive
+    width = cols_at.size
+    return rows_at[sub // width] * cols + cols_at[sub % width]
+
+
+def _shared_streams(codebook: np.ndarray, positions: np.ndarray, index: np.ndarray,
+                    shape: tuple[int, ...], grouping: tuple[int, int] | None = None) -> Encoded:
+    """The entry of a shared tensor from its codebook bit patterns (flat, or [G, K] with
+    grouping = (G, group_rows)), its nonzero positions and their indices: the smallest layout,
+    with dead rows and columns left out and the indices context-coded where that is smaller
+    (neither for grouped codebooks)."""
+    k, nonzero = codebook.shape[-1] if codebook.ndim else 0, positions.size
+    numel = math.prod(shape)
+    rows, cols = context.matrix_shape(shape, numel)
+    index_counts = np.bincount(index, minlength=256)
+    layouts = {(name, g, False): size
+               for (name, g), size in _layouts(positions, index_counts, numel, k).items()}
+    alive = None
+    if grouping is None and nonzero:
+        alive_rows, alive_cols = _lines_of(positions, rows, cols)
+        if not (alive_rows.all() and alive_cols.all()):
+            alive = (alive_rows, alive_cols)
+            bitmaps = [streams.encode_bytes(np.packbits(a)) for a in alive]
+            sub = _compact(positions, alive_rows, alive_cols)
+            cells = int(alive_rows.sum()) * int(alive_cols.sum())
+            extra = sum(b.nbytes for b in bitmaps)
+            for (name, g), size in _layouts(sub, index_counts, cells, k).items():
+                layouts[(name, g, True)] = size + extra
+    layout, g, lines = min(layouts, key=layouts.get)
     fields = {"encoding": "shared", "layout": layout, "nonzero": int(nonzero), "clusters": int(k)}
     if grouping is not None:
         fields.update(groups=int(grouping[0]), group_rows=int(grouping[1]))
     out = {"codebook": streams.encode_bytes(np.ascontiguousarray(codebook).view(np.uint8))}
+    where, cells = positions, numel
+    if lines:
+        fields["lines"] = True
+        out["rows"], out["cols"] = bitmaps
+        where, cells = sub, int(alive[0].sum()) * int(alive[1].sum())
     if layout == "dense":
-        symbols = np.zeros(numel, dtype=np.uint8)
-        symbols[positions] = index + 1
+        symbols = np.zeros(cells, dtype=np.uint8)
+        symbols[where] = index + 1
         out["index"] = streams.encode(symbols)
     else:
         out["index"] = streams.encode(index)
+        gap = csr.gaps(where)
         if layout == "capped":
             fields["gap_bits"] = g
             out["gaps"] = streams.encode(csr.encode_capped(gap, g))
@@ -312,7 +373,30 @@ def _shared_streams(codebook: np.ndarray, positions: np.ndarray, index: np.ndarr
             symbols, varints = csr.encode_escape(gap)
             out["gaps"] = streams.encode(symbols)
             out["long_gaps"] = streams.encode_bytes(varints)
-    return Encoded(fields, out)
+    if grouping is None and numel <= context.WRITER_MAX_CELLS:
+        _try_context(fields, out, positions, index, shape, (rows, cols),
+                     alive if lines else None)
+    return Encoded(fields, {k: out[k] for k in STREAM_ORDER if k in out})
+
+
+def _try_context(fields: dict, out: dict[str, Stream], positions: np.ndarray, index: np.ndarray,
+                 shape: tuple[int, ...], matrix: tuple[int, int],
+                 alive: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Replace the index stream by its context-coded form (context.py) if that is smaller."""
+    dense = fields["layout"] == "dense"
+    grid = np.zeros(matrix, dtype=np.uint8)
+    grid.reshape(-1)[positions] = index + 1
+    if not dense:
+        coded = grid != 0
+    elif alive is None:
+        coded = np.ones(matrix, dtype=bool)
+    else:
+        coded = np.outer(alive[0], alive[1])
+    found = context.best(grid, coded, fields["clusters"], dense, shape)
+    if found is not None and len(found[1]) < out["index"].nbytes:
+        model, payload = found
+        fields["context"] = [int(model.transpose), model.near, model.far]
+        out["index"] = Stream("context", out["index"].count, payload)
 
 
 def encode_shared(tensor: torch.Tensor) -> Encoded | None:
@@ -328,7 +412,7 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
         positions = np.flatnonzero(bits)
         found = _codebook(bits[positions], name)
         if found is not None:
-            return _shared_streams(found[0], positions, found[1], bits.size)
+            return _shared_streams(found[0], positions, found[1], tuple(tensor.shape))
     rows = tensor.shape[0] if tensor.dim() else 1
     if rows < 2 or bits.size < 2 * rows:  # a single row, or rows of one element
         return None
@@ -337,7 +421,8 @@ def encode_shared(tensor: torch.Tensor) -> Encoded | None:
         return None
     codebook, index = grouped
     positions = np.flatnonzero(bits)
-    return _shared_streams(codebook, positions, index[positions], bits.size, (rows, 1))
+    return _shared_streams(codebook, positions, index[positions], tuple(tensor.shape),
+                           (rows, 1))
 
 
 def encode_declared(shared: Shared) -> Encoded | None:
@@ -349,14 +434,13 @@ def encode_declared(shared: Shared) -> Encoded | None:
     int_torch = _INT_TORCH[SHAREABLE[name]]
     codebook = _flat(shared.codebook).view(int_torch).numpy().reshape(shared.codebook.shape)
     index = _flat(shared.index).to(torch.int64).numpy()
-    numel = index.size
     if codebook.ndim == 2:
         rows = shared.shape[0]
         found = _grouped_declared(codebook, index, rows, shared.group_rows)
         if found is None:
             return None
         grouped, positions, symbols = found
-        return _shared_streams(grouped, positions, symbols, numel,
+        return _shared_streams(grouped, positions, symbols, tuple(shared.shape),
                                (grouped.shape[0], shared.group_rows))
     counts = np.bincount(index + 1, minlength=codebook.size + 1)[1:]
     used = np.flatnonzero((counts > 0) & (codebook != 0))
@@ -370,7 +454,8 @@ def encode_declared(shared: Shared) -> Encoded | None:
     remap[used + 1] = rank[inverse.reshape(-1)]
     mapped = remap[index + 1]
     positions = np.flatnonzero(mapped >= 0)
-    return _shared_streams(values[order], positions, mapped[positions].astype(np.uint8), numel)
+    return _shared_streams(values[order], positions, mapped[positions].astype(np.uint8),
+                           tuple(shared.shape))
 
 
 def encode_tensor(tensor: torch.Tensor | Shared) -> Encoded:
@@ -396,8 +481,9 @@ def stream_names(fields: dict) -> set[str]:
     """The streams an entry with these fields must have."""
     if fields["encoding"] == "raw":
         return {"data"}
-    return {"dense": {"codebook", "index"}, "capped": {"codebook", "index", "gaps"},
-            "escape": {"codebook", "index", "gaps", "long_gaps"}}[fields["layout"]]
+    names = {"dense": {"codebook", "index"}, "capped": {"codebook", "index", "gaps"},
+             "escape": {"codebook", "index", "gaps", "long_gaps"}}[fields["layout"]]
+    return names | {"rows", "cols"} if fields.get("lines") else names
 
 
 def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str, tuple],
@@ -441,24 +527,40 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
     else:
         sizes = _group_sizes(codebook.reshape(groups, k), what)
     layout = fields["layout"]
-    expected = numel if layout == "dense" else nonzero
+    rows, cols = context.matrix_shape(shape, numel)
+    alive = _alive(stream("rows"), stream("cols"), rows, cols, what) if fields.get("lines") else None
+    cells = numel if alive is None else alive[0].size * alive[1].size
+    expected = cells if layout == "dense" else nonzero
     if payloads["index"][1] != expected:
         raise DczError(f"{what}: index stream has {payloads['index'][1]} symbols, "
                        f"expected {expected}")
-    if layout == "dense" and sizes is None:
+    if layout == "dense" and sizes is None and alive is None and "context" not in fields:
         out = _decode_dense(codebook, nonzero, payloads["index"], numel, what)
         return torch.from_numpy(out).view(torch_dtype).reshape(shape)
-    index = stream("index")
-    limit = k if layout == "dense" else k - 1
-    if index.size and int(index.max()) > limit:
-        raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
-    if layout == "dense" and np.count_nonzero(index) != nonzero:
-        raise DczError(f"{what}: dense index stream holds a different number of nonzeros")
     positions = None
     if layout == "capped":
-        positions = csr.decode_capped(stream("gaps"), fields["gap_bits"], nonzero, numel, what)
+        positions = csr.decode_capped(stream("gaps"), fields["gap_bits"], nonzero, cells, what)
     elif layout == "escape":
-        positions = csr.decode_escape(stream("gaps"), stream("long_gaps"), nonzero, numel, what)
+        positions = csr.decode_escape(stream("gaps"), stream("long_gaps"), nonzero, cells, what)
+    if positions is not None and alive is not None:
+        _check_lines_used(positions, alive, what)
+        positions = _expand(positions, alive, cols)
+    if "context" in fields:
+        index = _context_index(fields, payloads["index"], positions, alive, (rows, cols), what)
+    else:
+        index = stream("index")
+        limit = k if layout == "dense" else k - 1
+        if index.size and int(index.max()) > limit:
+            raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
+    if layout == "dense":
+        if np.count_nonzero(index) != nonzero:
+            raise DczError(f"{what}: dense index stream holds a different number of nonzeros")
+        if sizes is None:  # lines or context: the nonzeros' places, then their indices
+            positions = np.flatnonzero(index)
+            index = index[positions] - 1
+            if alive is not None:
+                _check_lines_used(positions, alive, what)
+                positions = _expand(positions, alive, cols)
     if sizes is not None:
         out = _decode_grouped(codebook, sizes, k, fields["group_rows"] * (numel // shape[0]),
                               index, positions, numel, what)
@@ -466,6 +568,54 @@ def decode_tensor(fields: dict, dtype: str, shape: list[int], payloads: dict[str
         out = zeroed(numel, int_type)
         out[positions] = np.take(codebook, index, mode="wrap")  # indices checked above
     return torch.from_numpy(out).view(torch_dtype).reshape(shape)
+
+
+def _alive(row_bits: np.ndarray, col_bits: np.ndarray, rows: int, cols: int, what: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the alive rows and columns from their bitmaps (SPEC.md 2.5)."""
+    out = []
+    for bits, n, kind in ((row_bits, rows, "rows"), (col_bits, cols, "cols")):
+        if bits.size != (n + 7) // 8:
+            raise DczError(f"{what}: {kind} bitmap has {bits.size} bytes, expected {(n + 7) // 8}")
+        flags = np.unpackbits(bits)
+        if flags[n:].any():
+            raise DczError(f"{what}: {kind} bitmap has padding bits set")
+        out.append(np.flatnonzero(flags[:n]))
+    return out[0], out[1]
+
+
+def _check_lines_used(sub: np.ndarray, alive: tuple[np.ndarray, np.ndarray], what: str) -> None:
+    """Every row and column a bitmap marks alive holds a nonzero."""
+    width = alive[1].size
+    if (np.unique(sub // width).size != alive[0].size
+            or np.unique(sub % width).size != width):
+        raise DczError(f"{what}: a row or column marked alive holds no nonzero")
+
+
+def _context_index(fields: dict, index: tuple, positions: np.ndarray | None,
+                   alive: tuple[np.ndarray, np.ndarray] | None, matrix: tuple[int, int],
+                   what: str) -> np.ndarray:
+    """The index symbols of a context-coded stream, in the order of the other codings."""
+    coding, _, payload = index
+    if coding != "context":
+        raise DczError(f"{what}: an entry with a context model has an index stream coded "
+                       f"{coding!r}, not 'context'")
+    transpose, near, far = fields["context"]
+    model = context.Model(bool(transpose), near, far)
+    k = fields["clusters"]
+    context.check(*matrix, k, model, what)
+    if positions is not None:
+        coded = np.zeros(matrix, dtype=bool)
+        coded.reshape(-1)[positions] = True
+        grid = context.decode(payload, coded, k, False, model, what)
+        return grid.reshape(-1)[positions] - 1
+    if alive is None:
+        coded = np.ones(matrix, dtype=bool)
+        return context.decode(payload, coded, k, True, model, what).reshape(-1)
+    coded = np.zeros(matrix, dtype=bool)
+    coded[np.ix_(*alive)] = True
+    grid = context.decode(payload, coded, k, True, model, what)
+    return grid[np.ix_(*alive)].reshape(-1)
 
 
 def zeroed(numel: int, dtype: type) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -22,10 +23,15 @@ from deepcompress.formats import dcz
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 PREAMBLE = struct.Struct("<8sII")
-TRAILER = struct.Struct("<QQQII")
+TRAILER = struct.Struct("<QQQII")  # versions 1 and 2
+TRAILER3 = struct.Struct("<III")  # version 3: header length, header crc, own crc
 ZSTD_MAGIC = 0xFD2FB528
 PROGRAM: tuple[int, str] = (-1, "program")  # the stream key of the program archive
 Key = tuple[int, str]  # (entry index, stream name), or PROGRAM
+ENTRY_CRC = "*"  # pinned[(i, ENTRY_CRC)] = {"crc32"}: keep a version 3 entry's crc32 as it is
+CODINGS = ("raw", "const", "zstd", "huffman", "context")  # version 3 coding codes (SPEC 2.4)
+ENCODINGS = ("alias", "raw", "shared", "grouped")
+_RECORD_KEYS = ("offset", "length", "crc32", "coding", "count")
 
 
 # --- stream payload builders -------------------------------------------------------------------
@@ -122,7 +128,10 @@ def flat_lengths(alphabet: int) -> np.ndarray:
 
 
 def decode_payload(coding: str, count: int, payload: bytes) -> bytes:
-    """The symbols of a stream of a file we trust (a real, unforged .dcz)."""
+    """The symbols of a stream of a file we trust (a real, unforged .dcz); context-coded
+    streams are opaque here (their symbols depend on the whole entry)."""
+    if coding == "context":
+        raise ValueError("a context-coded stream has no symbols of its own")
     if coding == "raw":
         return bytes(payload)
     if coding == "const":
@@ -168,25 +177,48 @@ def _with_literals(doc: dict) -> bytes:
 
 @dataclass
 class Forged:
-    """A .dcz as parts: header doc, stream payloads in file order, and optional raw overrides."""
+    """A .dcz as parts: header doc, stream payloads in file order, and optional raw overrides.
+
+    The doc is always in the version 1/2 form (objects with names). For a version 3 file each
+    stored entry carries one `crc32` (over all its streams) and its stream records none; the
+    compact header (SPEC 2.4) is made from the doc when the file is written, tolerantly: a
+    value the compact form cannot hold (a count or a group count that differs from the one a
+    reader derives, a member the entry does not have) is written as one more array member,
+    which makes the array the wrong length. `compact_edits` then edit the compact array."""
 
     doc: dict
     payloads: dict[Key, bytes]
     version: int = 1
     header_text: bytes | None = None  # JSON bytes used instead of dumping doc
     header_frame: bytes | None = None  # zstd frame used instead of compressing the JSON
-    declared_raw: int | None = None  # trailer's R instead of the JSON length
+    declared_raw: int | None = None  # trailer's R instead of the JSON length (versions 1, 2)
     pinned: dict[Key, set[str]] = field(default_factory=dict)  # record fields left as they are
     gap: bytes = b""  # bytes no stream covers, before the header
+    compact_edits: list[Callable[[list], None]] = field(default_factory=list)  # version 3
+    header_length: int | None = None  # the trailer's header length instead of the frame's
+    trailing: bytes = b""  # bytes after the header frame, counted in the header length
+    preamble_version: int | None = None  # the preamble's version instead of `version`
 
     @classmethod
     def parse(cls, data: bytes) -> Forged:
         """Split a real .dcz into parts (no checks: it is ours)."""
         _, version, _ = PREAMBLE.unpack_from(data)
-        h_off, h_len, h_raw, _, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
-        raw = zstandard.ZstdDecompressor(dict_data=dcz._HEADER_DICT).decompress(
-            data[h_off:h_off + h_len], max_output_size=h_raw)
-        doc = json.loads(raw)
+        if version >= 3:
+            h_len = TRAILER3.unpack_from(data, len(data) - TRAILER3.size)[0]
+            h_off = len(data) - TRAILER3.size - h_len
+            raw = zstandard.ZstdDecompressor(dict_data=dcz._HEADER_DICT_3).decompress(
+                data[h_off:h_off + h_len])
+            doc = dcz.parse_header(raw, 3)  # expanded; the entry checks fill in the counts
+            seen: dict[str, dict] = {}
+            for i, e in enumerate(doc["tensors"]):
+                seen[e["name"]] = dcz._check_entry(e, i, seen, 1 << 62, 3)
+                for rec in e.get("streams", {}).values():
+                    del rec["crc32"]
+        else:
+            h_off, h_len, h_raw, _, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+            raw = zstandard.ZstdDecompressor(dict_data=dcz._HEADER_DICT).decompress(
+                data[h_off:h_off + h_len], max_output_size=h_raw)
+            doc = json.loads(raw)
         f = cls(doc, {}, version)
         spans = []
         for key in f.keys():
@@ -199,6 +231,24 @@ class Forged:
     def read(cls, path: str | Path) -> Forged:
         """Parse the .dcz at path."""
         return cls.parse(Path(path).read_bytes())
+
+    def set_version(self, version: int) -> None:
+        """Write the file as another version: the doc moves between the per-stream CRCs of
+        versions 1 and 2 and the per-entry CRC of version 3 (recomputed when written)."""
+        for e in self.doc.get("tensors") or []:
+            if not isinstance(e, dict) or not isinstance(e.get("streams"), dict):
+                continue
+            if version >= 3:
+                e.setdefault("crc32", 0)
+            else:
+                e.pop("crc32", None)
+            for rec in e["streams"].values():
+                if isinstance(rec, dict):
+                    if version >= 3:
+                        rec.pop("crc32", None)
+                    else:
+                        rec.setdefault("crc32", 0)
+        self.version = version
 
     def copy(self) -> Forged:
         """A deep copy to mutate."""
@@ -271,34 +321,164 @@ class Forged:
         self.set_stream(PROGRAM, zstd_frame(archive), "zstd", len(archive))
 
     def header_json(self) -> bytes:
-        """The header JSON: header_text if set, else the doc (NaN and surrogates as Python writes
-        them: NaN literals, \\ud800 escapes)."""
+        """The header JSON: header_text if set, else the doc (version 3: its compact form, with
+        compact_edits applied), NaN and surrogates as Python writes them: NaN literals, \\ud800
+        escapes."""
         if self.header_text is not None:
             return self.header_text
-        return _with_literals(self.doc)
+        if self.version < 3:
+            return _with_literals(self.doc)
+        top = copy.deepcopy(self.compact())
+        for edit in self.compact_edits:
+            edit(top)
+        return _with_literals(top)
+
+    def dictionary(self) -> zstandard.ZstdCompressionDict:
+        """The header dictionary of this version."""
+        return dcz._HEADER_DICT_3 if self.version >= 3 else dcz._HEADER_DICT
+
+    def compact(self) -> object:
+        """The version 3 header (SPEC 2.4) the doc describes, made tolerantly (class doc)."""
+        doc = self.doc
+        if not isinstance(doc, dict):
+            return doc
+        tensors = doc.get("tensors", _MISSING)
+        positions: dict[str, int] = {}
+        out: object = tensors
+        if isinstance(tensors, list):
+            out = []
+            for i, e in enumerate(tensors):
+                out.append(self._compact_entry(i, e, positions))
+                if isinstance(e, dict) and _hashable(e.get("name")):
+                    positions.setdefault(e["name"], i)
+        top = [x for x in (out, doc.get("metadata", _MISSING)) if x is not _MISSING]
+        if "program" in doc:
+            top.append(self._compact_record(PROGRAM, doc["program"], None, "program"))
+        top += [v for k, v in doc.items() if k not in ("tensors", "metadata", "program")]
+        return top
+
+    def _compact_entry(self, i: int, e: object, positions: dict[str, int]) -> object:
+        if not isinstance(e, dict):
+            return e
+        enc = e.get("encoding", _MISSING)
+        dtype = e.get("dtype", _MISSING)
+        code = dcz.DTYPES_3.index(dtype) if _hashable(dtype) and dtype in dcz.DTYPES_3 else dtype
+        used = {"name", "encoding", "dtype", "shape"}
+        if enc == "alias":
+            target = e.get("alias_of", _MISSING)
+            j = positions.get(target, target) if _hashable(target) else target
+            out = [e.get("name", _MISSING), 0, j]
+            used.add("alias_of")
+            t = self.doc["tensors"][j] if type(j) is int else None
+            if not (isinstance(t, dict) and _same(t.get("dtype"), dtype)
+                    and _same(t.get("shape"), e.get("shape"))):
+                out += [dtype, e.get("shape", _MISSING)]  # not what the target says
+        else:
+            out = [e.get("name", _MISSING), enc, code, e.get("shape", _MISSING)]
+            layout = e.get("layout", _MISSING)
+            if enc == "raw":
+                out[1] = 1
+                shuffle = e.get("shuffle", _MISSING)
+                out.append(int(shuffle) if isinstance(shuffle, bool) else shuffle)
+                used.add("shuffle")
+            elif enc == "shared":
+                grouped = "groups" in e or "group_rows" in e
+                out[1] = 3 if grouped else 2
+                lcode = layout
+                if layout == "capped":
+                    lcode = e.get("gap_bits", _MISSING)
+                elif _hashable(layout) and layout in ("dense", "escape"):
+                    lcode = {"dense": 0, "escape": 9}[layout]
+                if e.get("lines") is True and type(lcode) is int:
+                    lcode += dcz.LINES
+                out += [lcode, e.get("nonzero", _MISSING), e.get("clusters", _MISSING)]
+                used |= {"layout", "gap_bits", "nonzero", "clusters", "groups", "group_rows",
+                         "context"}
+                if e.get("lines") is True:
+                    used.add("lines")
+                if grouped:
+                    out.append(e.get("group_rows", _MISSING))
+            elif _hashable(enc) and enc in ENCODINGS:
+                out[1] = ENCODINGS.index(enc)
+            out.append(e.get("crc32", _MISSING))
+            used |= {"crc32", "streams"}
+            recs = e.get("streams", _MISSING)
+            if isinstance(recs, dict):
+                order = [k[1] for k in self.payloads if k[0] == i and k[1] in recs]
+                order += [k for k in recs if k not in order]
+                out += [self._compact_record((i, k), recs[k], e, k) for k in order]
+            else:
+                out.append(recs)
+            if enc == "shared" and ("groups" in e or "group_rows" in e):
+                groups = e.get("groups", _MISSING)
+                if not _same(groups, _derived_groups(e)):
+                    out.append(groups)  # a group count the reader would not derive
+        out += [e[k] for k in e if k not in used]
+        return [x for x in out if x is not _MISSING]
+
+    def _compact_record(self, key: Key, rec: object, e: dict | None, sname: str) -> object:
+        if not isinstance(rec, dict):
+            return rec
+        coding = rec.get("coding", _MISSING)
+        code = CODINGS.index(coding) if _hashable(coding) and coding in CODINGS else coding
+        count = rec.get("count", _MISSING)
+        out = [rec.get("length", _MISSING)]
+        if e is None:  # the program: [length, crc32, coding, count]
+            out += [rec.get("crc32", _MISSING), code, count]
+        else:
+            layout = e.get("layout")
+            explicit = sname == "long_gaps" or (sname == "gaps" and layout == "capped")
+            explicit = explicit or (sname == "index" and layout == "dense"
+                                    and e.get("lines") is True)
+            model = e.get("context", []) if coding == "context" else []
+            model = list(model) if isinstance(model, list) else [model]  # tolerantly
+            out += [code, *model, count] if explicit or not _same(
+                count, _derived_count(e, sname)) else [code, *model]
+        out += [v for k, v in rec.items() if k not in _RECORD_KEYS]
+        return [x for x in out if x is not _MISSING]
 
     def to_bytes(self) -> bytes:
         """The file, with offsets, lengths and every CRC recomputed (except pinned fields)."""
         at = PREAMBLE.size
+        entry_crcs: dict[int, int] = {}
         for key, payload in self.payloads.items():
             rec = self.record(key)
+            crc = zlib.crc32(payload)
+            if self.version >= 3 and key != PROGRAM:
+                entry_crcs[key[0]] = crc = zlib.crc32(payload, entry_crcs.get(key[0], 0))
             if rec is not None:
                 pins = self.pinned.get(key, set())
-                for name, value in (("offset", at), ("length", len(payload)),
-                                    ("crc32", zlib.crc32(payload))):
-                    if name not in pins:
+                for name, value in (("offset", at), ("length", len(payload)), ("crc32", crc)):
+                    if name not in pins and (name != "crc32" or self.version < 3
+                                             or key == PROGRAM):
                         rec[name] = value
             at += len(payload)
+        for i, crc in entry_crcs.items():
+            tensors = self.doc.get("tensors")
+            e = tensors[i] if isinstance(tensors, list) and i < len(tensors) else None
+            if (isinstance(e, dict) and "crc32" in e
+                    and "crc32" not in self.pinned.get((i, ENTRY_CRC), set())):
+                e["crc32"] = crc
         raw = self.header_json()
         frame = self.header_frame
         if frame is None:
-            frame = zstandard.ZstdCompressor(level=3, dict_data=dcz._HEADER_DICT,
-                                             write_dict_id=False).compress(raw)
-        head = MAGIC + struct.pack("<I", self.version)
+            frame = zstandard.ZstdCompressor(level=19, dict_data=self.dictionary(),
+                                             write_dict_id=False, write_checksum=False
+                                             ).compress(raw)  # as the writer does
+        frame += self.trailing
+        head = MAGIC + struct.pack("<I", self.version if self.preamble_version is None
+                                   else self.preamble_version)
         body = b"".join(self.payloads.values()) + self.gap
         h_off = PREAMBLE.size + len(body)
+        if self.version >= 3:
+            h_len = len(frame) if self.header_length is None else self.header_length
+            data = head + struct.pack("<I", zlib.crc32(head)) + body + frame
+            covered = data[len(data) - h_len:] if 0 <= h_len <= len(data) else frame
+            trailer = struct.pack("<II", h_len & 0xFFFFFFFF, zlib.crc32(covered))
+            return data + trailer + struct.pack("<I", zlib.crc32(trailer))
         r = len(raw) if self.declared_raw is None else self.declared_raw
-        trailer = struct.pack("<QQQI", h_off, len(frame), r, zlib.crc32(frame))
+        h_len = len(frame) if self.header_length is None else self.header_length
+        trailer = struct.pack("<QQQI", h_off, h_len, r, zlib.crc32(frame))
         return (head + struct.pack("<I", zlib.crc32(head)) + body + frame + trailer
                 + struct.pack("<I", zlib.crc32(trailer)))
 
@@ -307,6 +487,47 @@ class Forged:
         path = Path(path)
         path.write_bytes(self.to_bytes())
         return path
+
+
+_MISSING = object()  # a member the doc does not have: left out of the compact array
+
+
+def _hashable(x: object) -> bool:
+    return isinstance(x, str | int | float | bool | type(None))
+
+
+def _numel(e: dict) -> int:
+    return math.prod(e["shape"])
+
+
+def _derived_groups(e: dict) -> int | None:
+    """ceil(rows / group_rows), as a version 3 reader derives G, or None if it cannot."""
+    try:
+        r = e["group_rows"]
+        return -(-e["shape"][0] // r) if type(r) is int and r > 0 else None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _derived_count(e: dict, sname: str) -> int | None:
+    """The count a version 3 reader derives for this stream of this entry, or None."""
+    try:
+        numel, itemsize = _numel(e), dcz.codec.DTYPES[e["dtype"]][1]
+        if e["encoding"] == "raw":
+            return numel * itemsize if sname == "data" else None
+        if sname == "codebook":
+            groups = _derived_groups(e) if "groups" in e or "group_rows" in e else 1
+            return None if groups is None else groups * e["clusters"] * itemsize
+        if sname == "index":
+            return numel if e["layout"] == "dense" else e["nonzero"]
+        if sname == "gaps" and e["layout"] == "escape":
+            return e["nonzero"]
+        if sname in ("rows", "cols") and e.get("lines") is True:
+            rows, cols = dcz.codec.context.matrix_shape(e["shape"], numel)
+            return ((rows if sname == "rows" else cols) + 7) // 8
+    except (KeyError, TypeError, ValueError, OverflowError):
+        pass
+    return None
 
 
 # --- the structured mutator --------------------------------------------------------------------
@@ -364,17 +585,25 @@ def header_mutations(base: Forged, rng: random.Random, per_field: int = 3
                     expect = "any"  # a lone surrogate is a JSON string; the name is unique
                 if fname == "name" and label == "str" and e["name"] != "float32":
                     expect = "any"
-                if fname == "shuffle" and isinstance(value, bool):
-                    expect = "any"
+                if fname == "shuffle" and (isinstance(value, bool) or base.version >= 3
+                                           and value in (0, 1) and type(value) is int):
+                    expect = "any"  # version 3 writes the flag as 0 or 1
+                if fname == "crc32":
+                    f.pinned[(i, ENTRY_CRC)] = {"crc32"}
                 yield Mutation(f"entry[{e['name']}].{fname}={label}", "value-kind", expect, f)
+        # version 3 records hold no offset (implied by order) and no crc32 (the entry's)
+        rfields = ("offset", "length", "crc32", "coding", "count") if base.version < 3 else (
+            "length", "coding", "count")
         for sname in e.get("streams", {}):
-            for rfield in ("offset", "length", "crc32", "coding", "count"):
+            for rfield in rfields:
                 for label, value in rng.sample(WRONG_KINDS, 2):
                     f = base.copy()
                     f.doc["tensors"][i]["streams"][sname][rfield] = copy.deepcopy(value)
                     f.pinned[(i, sname)] = {rfield}
+                    code = (base.version >= 3 and rfield == "coding" and type(value) is int
+                            and 0 <= value < len(CODINGS))  # a version 3 coding is a code
                     yield Mutation(f"entry[{e['name']}].{sname}.{rfield}={label}", "value-kind",
-                                   "error", f)
+                                   "any" if code else "error", f)
             f = base.copy()
             f.doc["tensors"][i]["streams"][sname]["extra"] = 0
             yield Mutation(f"entry[{e['name']}].{sname}+extra", "extra-key", "error", f)
@@ -415,13 +644,17 @@ def header_mutations(base: Forged, rng: random.Random, per_field: int = 3
         f.doc["program"] = None
         yield Mutation("program=null", "value-kind", "error", f)
     f = base.copy()
-    text = base.header_json().decode()
-    f.header_text = ('{"tensors":[],' + text[1:]).encode()
-    yield Mutation("duplicate key tensors", "header", "error", f)
+    if base.version < 3:
+        text = base.header_json().decode()
+        f.header_text = ('{"tensors":[],' + text[1:]).encode()
+        yield Mutation("duplicate key tensors", "header", "error", f)
+    f = base.copy()  # a marker in the metadata, replaced in the JSON text
+    f.doc["metadata"]["@m@"] = 0
+    marked = f.header_json()
+    f.header_text = marked.replace(b'"@m@":0', b'"a":1,"a":2', 1)
+    yield Mutation("duplicate key in metadata", "header", "error", f)
     f = base.copy()
-    f.header_text = json.dumps(base.doc, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass")
-    f.header_text = f.header_text.replace(b'"metadata":{', b'"metadata":{"s":"\xed\xa0\x80",', 1)
+    f.header_text = marked.replace(b'"@m@":0', b'"s":"\xed\xa0\x80"', 1)
     yield Mutation("header not UTF-8 (CESU surrogate)", "header", "error", f)
     f = base.copy()
     f.header_text = b"[" * 100_000 + b"]" * 100_000
@@ -434,14 +667,234 @@ def header_mutations(base: Forged, rng: random.Random, per_field: int = 3
     yield Mutation("header zstd frame lies about its size", "zstd", "error", f)
     f = base.copy()
     f.header_frame = (skippable_frame(b"x" * 8) + zstandard.ZstdCompressor(
-        dict_data=dcz._HEADER_DICT, write_dict_id=False).compress(base.header_json()))
+        dict_data=base.dictionary(), write_dict_id=False).compress(base.header_json()))
     yield Mutation("header after a skippable frame", "zstd", "error", f)
+    f = base.copy()
+    f.trailing = b"\x00"
+    yield Mutation("a byte after the header frame", "zstd", "error", f)
+    f = base.copy()
+    f.trailing = skippable_frame(b"")
+    yield Mutation("a skippable frame after the header frame", "zstd", "error", f)
     f = base.copy()
     f.version = 0
     yield Mutation("version 0", "preamble", "error", f)
     f = base.copy()
     f.gap = b"\x00" * 3
     yield Mutation("hole before header", "tiling", "error", f)
+    if base.version >= 3:
+        yield from compact_mutations(base, rng)
+
+
+def _compact_edit(base: Forged, name: str, fn: Callable[[list], None], expect: str = "error",
+                  kind: str = "compact") -> Mutation:
+    f = base.copy()
+    f.compact_edits.append(fn)
+    return Mutation(f"v3 {name}", kind, expect, f)
+
+
+def _put(path: tuple, value: object) -> Callable[[list], None]:
+    """An edit that sets the compact header's member at path (indices) to value."""
+    def fn(t: list) -> None:
+        node = t
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = copy.deepcopy(value)
+    return fn
+
+
+def _resize(path: tuple, delta: int) -> Callable[[list], None]:
+    """An edit that gives the array at path one member more (delta 1) or less (-1)."""
+    def fn(t: list) -> None:
+        node = t
+        for p in path:
+            node = node[p]
+        if delta > 0:
+            node.append(0)
+        else:
+            del node[-1]
+    return fn
+
+
+def _records(c: list) -> list[int]:
+    return [j for j, x in enumerate(c) if isinstance(x, list) and j > 3]
+
+
+def compact_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
+    """Version 3: wrong kinds at every position of the compact header (SPEC 2.4): entry
+    members (codes, shape, counts, the entry crc32) and stream record members."""
+    top = base.compact()
+    for i, c in enumerate(top[0]):
+        e = base.doc["tensors"][i]
+        name = e["name"]
+        numel = math.prod(e["shape"])
+        records = _records(c)
+        for j, x in enumerate(c):
+            if j in records:
+                for m, y in enumerate(x):
+                    for label, value in rng.sample(WRONG_KINDS, 2):
+                        if _same(y, value):
+                            continue
+                        expect = "error"
+                        if m == 1 and label == "zero" and x[1] == 1:  # const -> raw
+                            expect = "any"
+                        yield _compact_edit(base, f"{name}[{j}][{m}]={label}",
+                                            _put((0, i, j, m), value), expect)
+                continue
+            for label, value in rng.sample(WRONG_KINDS, 3):
+                if _same(x, value):
+                    continue
+                expect = "error"
+                if j == 0 and label in ("surrogate", "str"):
+                    expect = "any"  # another valid name
+                if j == 2 and c[1] != 0 and type(value) is int:
+                    expect = "any"  # another dtype: the same bytes can be valid (int64/float64)
+                if j == 3 and isinstance(value, list) and (numel == 0 or c[1] == 1):
+                    expect = "any"  # another shape with as many elements
+                if j == 4 and c[1] == 1 and label == "zero":
+                    expect = "any"  # shuffle 0
+                yield _compact_edit(base, f"{name}[{j}]={label}", _put((0, i, j), value),
+                                    expect)
+
+
+def v3_rule_mutations(base: Forged) -> Iterator[Mutation]:
+    """Version 3 rules, every one (deterministic): codes outside their tables, arrays one
+    member too long or short, aliases that do not point back, group_rows out of range, header
+    frames that do not declare their size, skippable frames, bytes after the frame, header
+    lengths that do not fit, a version 3 layout under an older version number."""
+    top = base.compact()
+    size = len(base.to_bytes())
+
+    def edit(name: str, fn: Callable[[list], None]) -> Mutation:
+        return _compact_edit(base, name, fn)
+
+    for i, c in enumerate(top[0]):
+        e = base.doc["tensors"][i]
+        name = e["name"]
+        for j in _records(c):
+            yield edit(f"{name}[{j}] one member more", _resize((0, i, j), 1))
+            yield edit(f"{name}[{j}] one member less", _resize((0, i, j), -1))
+            yield edit(f"{name}[{j}] coding code 5", _put((0, i, j, 1), 5))
+        yield edit(f"{name} one member more", _resize((0, i), 1))
+        yield edit(f"{name} one member less", _resize((0, i), -1))
+        yield edit(f"{name} encoding code 4", _put((0, i, 1), 4))
+        if c[1] == 0:
+            yield edit(f"{name} alias of itself", _put((0, i, 2), i))
+            yield edit(f"{name} alias of a later tensor", _put((0, i, 2), i + 1))
+            yield edit(f"{name} alias of -1", _put((0, i, 2), -1))
+            yield edit(f"{name} alias by name", _put((0, i, 2), e["alias_of"]))
+            continue
+        yield edit(f"{name} dtype code 14", _put((0, i, 2), 14))
+        yield edit(f"{name} entry crc32 + 1", _put((0, i, len(c) - len(_records(c)) - 1),
+                                                   (c[len(c) - len(_records(c)) - 1] + 1)
+                                                   % (1 << 32)))
+        if c[1] >= 2:
+            yield edit(f"{name} layout code 20", _put((0, i, 4), 20))
+        if c[1] == 3:
+            rows = e["shape"][0]
+            for label, value in (("0", 0), ("rows+1", rows + 1), ("-1", -1), ("bool", True)):
+                yield edit(f"{name} group_rows {label}", _put((0, i, 7), value))
+        if c[1] == 2 and e["shape"]:
+            yield edit(f"{name} grouped code without group_rows", _put((0, i, 1), 3))
+    yield from _line_and_context_mutations(base, top)
+    yield edit("top one member more", lambda t: t.append([0, 0, 0, 0]))
+    yield edit("top [tensors] only", lambda t: t.__delitem__(slice(1, None)))
+    yield edit("top an object", lambda t: (t.clear(), t.append({"tensors": []})))
+    yield edit("metadata an array", _put((1,), []))
+    if len(top) == 3:
+        for m in range(4):
+            yield edit(f"program[{m}]=-1", _put((2, m), -1))
+        yield edit("program crc32 + 1", _put((2, 1), (top[2][1] + 1) % (1 << 32)))
+        yield edit("program one member less", _resize((2,), -1))
+        yield edit("program one member more", _resize((2,), 1))
+    f = base.copy()
+    f.header_frame = zstandard.ZstdCompressor(
+        level=3, dict_data=base.dictionary(), write_dict_id=False,
+        write_content_size=False).compress(base.header_json())
+    yield Mutation("v3 header frame without content size", "zstd", "error", f)
+    f = base.copy()
+    f.header_frame = skippable_frame(base.header_json())
+    yield Mutation("v3 header a skippable frame", "zstd", "error", f)
+    f = base.copy()
+    f.header_frame = zstandard.ZstdCompressor(level=3).compress(base.header_json())
+    yield Mutation("v3 header without the dictionary", "zstd", "same", f)  # it need not use it
+    f = base.copy()
+    f.header_frame = lying_zstd_frame(base.header_json(), 1 << 27)
+    yield Mutation("v3 header declares 2^27 bytes", "allocation", "error", f)
+    for label, value in (("0", 0), ("size", size), ("2^32-1", (1 << 32) - 1),
+                         ("into the preamble", size - TRAILER3.size - 8)):
+        f = base.copy()
+        f.header_length = value
+        yield Mutation(f"v3 header length {label}", "trailer", "error", f)
+    for v in (1, 2):
+        f = base.copy()
+        f.preamble_version = v  # the version 3 header and trailer read as an older version
+        yield Mutation(f"v3 file says version {v}", "preamble", "error", f)
+
+
+def _line_and_context_mutations(base: Forged, top: list) -> Iterator[Mutation]:
+    """Dead lines (SPEC 2.5) and context models (SPEC 2.6) that break a rule, or that change
+    what a valid file says."""
+    for i, c in enumerate(top[0]):
+        e = base.doc["tensors"][i]
+        name = e["name"]
+        if e.get("encoding") != "shared":
+            continue
+        names = list(e["streams"])
+        j = 8 + ("groups" in e) + names.index("index")  # the index record in the array
+        if "context" in e:
+            for label, m, expect in (("t 2", (2, 0, 0), "error"), ("near -1", (0, -1, 0), "error"),
+                                     ("far 256", (0, 0, 256), "error"),
+                                     ("near true", (0, True, 0), "error"),
+                                     ("transposed", (1 - e["context"][0], *e["context"][1:]), "any"),
+                                     ("near 1", (e["context"][0], 1, e["context"][2]), "any")):
+                yield edit_context(base, f"{name} context {label}", i, j, m, expect)
+            f = base.copy()
+            f.doc["tensors"][i].pop("context")
+            yield Mutation(f"v3 {name} context coding without a model", "context", "error", f)
+        elif c[1] == 2:
+            f = base.copy()
+            f.doc["tensors"][i]["context"] = [0, 0, 0]
+            f.record((i, "index"))["coding"] = "context"
+            yield Mutation(f"v3 {name} another coding read as context", "context", "any", f)
+        else:  # grouped: no context coding
+            f = base.copy()
+            f.doc["tensors"][i]["context"] = [0, 0, 0]
+            f.record((i, "index"))["coding"] = "context"
+            yield Mutation(f"v3 {name} grouped with a context model", "context", "error", f)
+            f = base.copy()
+            f.doc["tensors"][i]["lines"] = True
+            f.set_stream((i, "rows"), b"\xff" * ((e["shape"][0] + 7) // 8), "raw")
+            f.set_stream((i, "cols"), b"\xff" * ((_numel(e) // e["shape"][0] + 7) // 8), "raw")
+            yield Mutation(f"v3 {name} grouped with dead lines", "lines", "error", f)
+        if not e.get("lines"):
+            continue
+        rows, cols = dcz.codec.context.matrix_shape(e["shape"], _numel(e))
+        for sname, n in (("rows", rows), ("cols", cols)):
+            bits = np.unpackbits(np.frombuffer(base.symbols((i, sname)), np.uint8))
+            dead = np.flatnonzero(bits[:n] == 0)
+            for label, at in (("a dead line alive", dead[0]), ("a padding bit", n),
+                              ("an alive line dead", np.flatnonzero(bits[:n])[0])):
+                if at >= bits.size:
+                    continue
+                b = bits.copy()
+                b[at] ^= 1
+                f = base.copy()
+                f.set_stream((i, sname), np.packbits(b).tobytes(), "raw")
+                yield Mutation(f"v3 {name} {sname}: {label}", "lines", "error", f)
+            f = base.copy()
+            f.set_stream((i, sname), b"\xff" * (bits.size // 8), "raw")
+            yield Mutation(f"v3 {name} {sname}: all alive, padding set", "lines", "error", f)
+        f = base.copy()
+        f.doc["tensors"][i].pop("lines")
+        yield Mutation(f"v3 {name} bitmaps without lines", "lines", "error", f)
+
+
+def edit_context(base: Forged, name: str, i: int, j: int, model: tuple, expect: str
+                 ) -> Mutation:
+    """Entry i's context model set to `model` in the compact header (its index record at j)."""
+    def fn(t: list) -> None:
+        t[0][i][j][2:5] = list(model)
+    return _compact_edit(base, name, fn, expect, "context")
 
 
 def stream_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
@@ -474,7 +927,7 @@ def _stream_mutations(base: Forged, rng: random.Random) -> Iterator[Mutation]:
             f = base.copy()
             f.record(key)["count"] = big
             yield Mutation(f"{label} count={big}", "allocation", "error", f)
-        if count:
+        if count and rec["coding"] != "context":  # context payloads: the attacks above only
             symbols = base.symbols(key)
             f = base.copy()
             f.set_stream(key, lying_zstd_frame(symbols, count + 1), "zstd")
@@ -650,9 +1103,10 @@ def _grouped_entry_mutations(base: Forged, i: int) -> Iterator[Mutation]:
         _set_slots(f, i, np.concatenate((slots, slots[:1])))
     yield edit("groups+1 with a codebook to match", more_groups)
     yield edit("groups without group_rows", lambda f, en: en.pop("group_rows"))
-    yield edit("group_rows without groups", lambda f, en: en.pop("groups"))
+    if base.version < 3:  # version 3 has no groups member: G is derived from group_rows
+        yield edit("group_rows without groups", lambda f, en: en.pop("groups"))
     yield edit("grouping members dropped", lambda f, en: (en.pop("groups"), en.pop("group_rows")))
-    yield edit("in a version 1 file", lambda f, en: setattr(f, "version", 1))
+    yield edit("in a version 1 file", lambda f, en: f.set_version(1))
 
     def wider(f: Forged, en: dict) -> None:  # one more slot per group: no group fills them all
         en["clusters"] = k + 1
@@ -845,6 +1299,16 @@ def _per_row(rows: int, cols: int, k: int, dtype: object, density: float, seed: 
     return torch.where(torch.rand(rows, cols, generator=g) < density, w, torch.zeros((), dtype=dtype))
 
 
+def _dead_lines(w: object, more: int = 0) -> object:
+    """w with rows 0, 3, 4, columns 1, 2, 9, the last and `more` after 10 all zero (dead
+    lines, SPEC 2.5)."""
+    w = w.clone()
+    w[[0, 3, 4]] = 0
+    w[:, [1, 2, 9, -1]] = 0
+    w[:, 10:10 + more] = 0
+    return w
+
+
 def grouped_tensors() -> dict:
     """Grouped (version 2) entries: per-row dense and capped, and a declared escape entry with
     groups of 7 rows, the last shorter, one of them all zero."""
@@ -865,7 +1329,8 @@ def grouped_tensors() -> dict:
 
 
 def build_bases(folder: str | Path) -> dict[str, Path]:
-    """Small real files to forge from: every layout, raw dtypes, aliases, and a program."""
+    """Small real files to forge from: every layout, raw dtypes, aliases, and a program (in
+    the version the writer writes, 3), and the shared and grouped files as versions 1 and 2."""
     import torch
 
     import deepcompress
@@ -882,6 +1347,8 @@ def build_bases(folder: str | Path) -> dict[str, Path]:
         "capped": _shared((64, 48), 0.15, 8, torch.float16, 2),
         "escape": escape,
         "dense64": _shared((9, 7), 0.7, 5, torch.float64, 3),
+        "lined": _dead_lines(_shared((30, 40), 0.8, 6, torch.float32, 7)),
+        "lined_sparse": _dead_lines(_shared((40, 300), 0.08, 4, torch.float16, 8), 150),
     }
     raw = {
         "f32": torch.randn(20, generator=g),
@@ -906,7 +1373,27 @@ def build_bases(folder: str | Path) -> dict[str, Path]:
     example = torch.randn(2, 4)
     deepcompress.save(model, out["program"],
                       program=deepcompress.export_program(model, example))
+    plain = {"shared": folder / "shared-plain.dcz", "grouped": out["grouped"]}
+    with without_v3_coding():  # what versions 1 and 2 can say: no dead lines, no contexts
+        deepcompress.save(tensors, plain["shared"], metadata={"note": "forge base"})
+    for name, version in (("shared", 1), ("grouped", 2)):  # the older versions, still read
+        legacy = Forged.read(plain[name])
+        legacy.set_version(version)
+        out[f"{name}-v{version}"] = legacy.write(folder / f"{name}-v{version}.dcz")
     return out
+
+
+@contextlib.contextmanager
+def without_v3_coding() -> Iterator[None]:
+    """The writer with dead-line removal and context coding switched off."""
+    from deepcompress.formats import codec
+    lines_of, try_context = codec._lines_of, codec._try_context
+    codec._lines_of = lambda positions, rows, cols: (np.ones(rows, bool), np.ones(cols, bool))
+    codec._try_context = lambda *args: None
+    try:
+        yield
+    finally:
+        codec._lines_of, codec._try_context = lines_of, try_context
 
 
 def digest(state: dict) -> str:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepcompress.formats import DczError, DczFile, codec, dcz, read, write
+from deepcompress.formats import DczError, DczFile, codec, dcz, read, streams, write
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DATA = Path(__file__).parent / "data"
@@ -60,7 +60,7 @@ def test_16_values_per_row_take_at_most_0_6_bytes_per_weight(tmp_path):
     assert size / w.numel() <= 0.6, size / w.numel()
     _, f = round_trip(tmp_path, {"w": w})
     e = f.entries["w"]
-    assert f.version == 2 and e["groups"] == 512 and e["group_rows"] == 1 and e["clusters"] == 16
+    assert f.version == 3 and e["groups"] == 512 and e["group_rows"] == 1 and e["clusters"] == 16
 
 
 def test_int8_per_channel_is_grouped_and_smaller_than_raw(tmp_path):
@@ -85,7 +85,7 @@ def test_grouped_sharing_that_does_not_pay_is_stored_raw(tmp_path):
     g = torch.Generator().manual_seed(3)  # rows of 4 distinct values: a codebook per row
     w = torch.rand(300, 1, generator=g) * torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # costs more
     _, f = round_trip(tmp_path, {"w": w})
-    assert f.entries["w"]["encoding"] == "raw" and f.version == 1
+    assert f.entries["w"]["encoding"] == "raw" and f.version == 3
 
 
 # --- round trips ---------------------------------------------------------------------------------
@@ -242,11 +242,20 @@ def test_a_version_1_file_of_the_old_writer_still_loads():
     assert state["dense"] is state["dense_tied"]
 
 
-def test_the_writer_rewrites_a_version_1_file_byte_for_byte(tmp_path):
+def test_the_writer_rewrites_a_version_1_file_no_larger_stream_by_stream(tmp_path):
+    """Version 3 rewrites the same weights bit-exactly, each tensor's streams no larger (dead
+    lines and context coding only replace a layout or coding when they are smaller)."""
     with DczFile(DATA / "v1-layouts.dcz") as f:
-        state, meta = f.load(), f.metadata
+        state, meta, entries = f.load(), f.metadata, f.entries
     write(tmp_path / "again.dcz", state, meta)
-    assert (tmp_path / "again.dcz").read_bytes() == (DATA / "v1-layouts.dcz").read_bytes()
+    with DczFile(tmp_path / "again.dcz") as g:
+        assert g.version == 3 and g.metadata == meta
+        assert g.overhead_bytes < f.overhead_bytes
+        assert digest(g.load()) == digest(state)
+        for name, e in entries.items():
+            size = sum(s["length"] for s in e.get("streams", {}).values())
+            assert sum(s["length"] for s in g.entries[name].get("streams", {}).values()) <= size
+            assert g.entries[name]["encoding"] == e["encoding"], name
 
 
 @pytest.mark.skipif(not LENET.is_dir(), reason="shared LeNet files not present")
@@ -256,13 +265,13 @@ def test_the_shared_lenet_v1_files_load_bit_exactly(name, expected):
     assert digest(read(LENET / name)) == expected  # digests from the version 1 reader
 
 
-def test_only_grouped_files_are_version_2(tmp_path):
+def test_the_writer_writes_version_3_grouped_or_not(tmp_path):
     write(tmp_path / "plain.dcz", {"w": per_row(10, 10, 3), "b": torch.randn(5)})
     write(tmp_path / "grouped.dcz", {"w": per_row(64, 1024, 16)})
-    assert (tmp_path / "plain.dcz").read_bytes()[8:12] == b"\x01\x00\x00\x00"
-    assert (tmp_path / "grouped.dcz").read_bytes()[8:12] == b"\x02\x00\x00\x00"
+    assert (tmp_path / "plain.dcz").read_bytes()[8:12] == b"\x03\x00\x00\x00"
+    assert (tmp_path / "grouped.dcz").read_bytes()[8:12] == b"\x03\x00\x00\x00"
     with DczFile(tmp_path / "grouped.dcz") as f:
-        assert f.version == 2
+        assert f.version == 3 and f.entries["w"]["groups"] == 64
 
 
 def test_decode_cost_bounds_a_grouped_decode(tmp_path):
@@ -300,7 +309,6 @@ def test_a_large_dense_tensor_decodes_into_its_output(tmp_path):
 
 
 def _dense_fields(symbols: np.ndarray, k: int) -> tuple[dict, dict]:
-    from deepcompress.formats import streams
     s = streams.encode(symbols)
     fields = {"encoding": "shared", "layout": "dense", "clusters": k,
               "nonzero": int(np.count_nonzero(symbols))}
@@ -321,3 +329,65 @@ def test_a_dense_symbol_past_the_codebook_is_refused_in_any_chunk(where):
     fields["nonzero"] += 1
     with pytest.raises(DczError, match="different number of nonzeros"):
         codec.decode_tensor(fields, "float32", [300_000], payloads, "t")
+
+
+# --- dead lines and context-coded indices (SPEC.md, version 3) -----------------------------------
+
+def pruned_smooth(rows: int, cols: int, k: int = 8, density: float = 0.3, dead_rows: int = 0,
+                  dead_cols: int = 0, seed: int = 0) -> torch.Tensor:
+    """k values whose neighbours along a row tend to agree, pruned, with whole dead lines."""
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(rng.integers(-1, 2, size=(rows, cols)), axis=1) % k
+    w = (walk - k / 2 + 0.5) / k
+    w[rng.random((rows, cols)) > density] = 0
+    w[rng.choice(rows, dead_rows, replace=False)] = 0
+    w[:, rng.choice(cols, dead_cols, replace=False)] = 0
+    return torch.from_numpy(w.astype(np.float32))
+
+
+def plain_bytes(w: torch.Tensor) -> int:
+    """Stream bytes of w's shared entry without dead lines or context coding: one group of all
+    its rows has the same codebook and layouts, and grouped entries use neither."""
+    flat = w.reshape(-1).numpy()
+    positions = np.flatnonzero(flat)
+    values, index = np.unique(flat[positions], return_inverse=True)
+    return codec._shared_streams(values.reshape(1, -1).view(np.int32), positions,
+                                 index.astype(np.uint8), tuple(w.shape), (1, w.shape[0])).nbytes
+
+
+def entry_bytes(f: DczFile, name: str) -> int:
+    return sum(s["length"] for s in f.entries[name]["streams"].values())
+
+
+def test_dead_rows_and_columns_are_left_out(tmp_path):
+    w = pruned_smooth(200, 300, density=0.05, dead_rows=60, dead_cols=150)
+    _, f = round_trip(tmp_path, {"w": w})
+    e = f.entries["w"]
+    assert e.get("lines") is True and {"rows", "cols"} <= set(e["streams"])
+    assert entry_bytes(f, "w") < 0.9 * plain_bytes(w)
+
+
+def test_context_coded_indices_are_smaller_when_neighbours_agree(tmp_path):
+    w = pruned_smooth(64, 512, density=0.9)
+    _, f = round_trip(tmp_path, {"w": w})
+    e = f.entries["w"]
+    assert "context" in e and e["streams"]["index"]["coding"] == "context"
+    assert e["context"][2] == 0 or e["context"][1] == 1  # a neighbour along the row
+    assert entry_bytes(f, "w") < 0.85 * plain_bytes(w)  # the best of huffman and zstd: 0.81x
+
+
+def test_tensors_too_large_to_try_are_not_context_coded(tmp_path, monkeypatch):
+    monkeypatch.setattr(codec.context, "WRITER_MAX_CELLS", 1000)
+    w = pruned_smooth(64, 512, density=0.6)
+    _, f = round_trip(tmp_path, {"w": w})
+    assert "context" not in f.entries["w"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), k=st.integers(1, 20),
+       density=st.floats(0.0, 1.0), dead_rows=st.integers(0, 5), dead_cols=st.integers(0, 5),
+       seed=st.integers(0, 1000))
+def test_lines_and_context_round_trip(tmp_path, rows, cols, k, density, dead_rows, dead_cols,
+                                      seed):
+    w = pruned_smooth(rows, cols, k, density, min(dead_rows, rows), min(dead_cols, cols), seed)
+    round_trip(tmp_path, {"w": w, "w3": w.reshape(rows, 1, cols), "v": w.reshape(-1)})

@@ -3,7 +3,9 @@ that answers every malformed file with DczError and nothing else."""
 import json
 import random
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepcompress.formats import DczError, DczFile, dcz, read, write
+
+sys.path.insert(0, str(Path(__file__).parent))
+import forge  # noqa: E402
+from forge import Forged  # noqa: E402
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -148,7 +154,7 @@ def test_random_access_reads_only_what_is_asked(tmp_path):
     assert set(read(path, names=["b"])) == {"b"}
     with DczFile(path) as lazy:
         assert lazy["b"].shape == (1000,)
-        with pytest.raises(DczError, match="'a' data stream: checksum"):
+        with pytest.raises(DczError, match="'a'.*checksum"):
             lazy["a"]
     with pytest.raises(KeyError):
         read(path, names=["nope"])
@@ -180,7 +186,8 @@ def small_file(tmp_path_factory) -> bytes:
     sd = {"w": w, "b": torch.randn(30, generator=g), "n": torch.tensor(5),
           "d": cb[torch.randint(0, 16, (20, 20), generator=g)]}
     path = tmp_path_factory.mktemp("small") / "s.dcz"
-    write(path, sd, {"note": "fuzz"})
+    with forge.without_v3_coding():  # the forgeries below edit huffman and raw index streams
+        write(path, sd, {"note": "fuzz"})
     return path.read_bytes()
 
 
@@ -214,8 +221,21 @@ def test_every_single_bit_flip_is_detected(tmp_path, small_file):
             load_bytes(tmp_path, bytes(data))
 
 
+def as_version(data: bytes, version: int) -> bytes:
+    """The same file written as another format version (checksums recomputed)."""
+    f = Forged.parse(data)
+    f.set_version(version)
+    return f.to_bytes()
+
+
+@pytest.fixture(scope="module")
+def small_file_v2(small_file) -> bytes:
+    return as_version(small_file, 2)
+
+
 def repack(data: bytes, edit) -> bytes:
-    """Apply `edit` to the decoded header and rebuild the file with valid checksums."""
+    """Apply `edit` to the decoded header of a version 1 or 2 file and rebuild the file with
+    valid header and trailer checksums (the stream records are left as edited)."""
     h_off, h_len, _, _, _ = dcz.TRAILER.unpack(data[-dcz.TRAILER.size:])
     dictionary = zstandard.ZstdCompressionDict(dcz.HEADER_DICTIONARY,
                                                dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -226,6 +246,17 @@ def repack(data: bytes, edit) -> bytes:
     header = zstandard.ZstdCompressor(dict_data=dictionary).compress(raw)
     body = struct.pack("<QQQI", h_off, len(header), len(raw), zlib.crc32(header))
     return data[:h_off] + header + body + struct.pack("<I", zlib.crc32(body))
+
+
+def repack3(data: bytes, edit=None, compact=None) -> bytes:
+    """Apply `edit` to the expanded header of a version 3 file (the compact header is made from
+    it by tests/forge.py, lengths and checksums recomputed) and `compact` to the compact array."""
+    f = Forged.parse(data)
+    if edit is not None:
+        edit(f.doc)
+    if compact is not None:
+        f.compact_edits.append(compact)
+    return f.to_bytes()
 
 
 def entry(doc, name):
@@ -277,10 +308,77 @@ FORGERIES = {
 }
 
 
+# offsets and lengths that a version 3 header implies (and the forger recomputes), and a
+# shuffle flag that version 3 writes as 0 or 1
+V2_ONLY = {"longer stream", "shifted offset", "overlap", "shuffle is an int"}
+
+
 @pytest.mark.parametrize("name", sorted(FORGERIES))
-def test_forged_headers_are_rejected(tmp_path, small_file, name):
+def test_forged_headers_are_rejected(tmp_path, small_file, small_file_v2, name):
     with pytest.raises(DczError):
-        load_bytes(tmp_path, repack(small_file, FORGERIES[name]))
+        load_bytes(tmp_path, repack(small_file_v2, FORGERIES[name]))
+    if name not in V2_ONLY:
+        with pytest.raises(DczError):
+            load_bytes(tmp_path, repack3(small_file, FORGERIES[name]))
+
+
+def _at(*path):
+    def get(t):
+        for p in path:
+            t = t[p]
+        return t
+    return get
+
+
+# version 3: edits of the compact header [tensors, metadata]; tensor 0 is "w" (capped): [name,
+# 2, dtype, shape, gap_bits, nonzero, clusters, crc32, codebook, index, gaps]
+COMPACT_FORGERIES = {
+    "longer stream": lambda t: t[0][1][6].__setitem__(0, t[0][1][6][0] + 1),
+    "shorter stream": lambda t: t[0][0][8].__setitem__(0, t[0][0][8][0] - 1),
+    "lengths moved between streams": lambda t: (
+        t[0][0][8].__setitem__(0, t[0][0][8][0] + 1), t[0][0][9].__setitem__(0, t[0][0][9][0] - 1)),
+    "entry crc": lambda t: t[0][0].__setitem__(7, (t[0][0][7] + 1) % (1 << 32)),
+    "a derived count stated": lambda t: t[0][0][9].append(t[0][0][5]),
+    "an explicit count left out": lambda t: t[0][0][10].pop(),
+    "a stream crc32 as in version 2": lambda t: t[0][0][8].insert(1, 0),
+    "coding code 4": lambda t: t[0][0][9].__setitem__(1, 4),
+    "coding code a string": lambda t: t[0][0][9].__setitem__(1, "raw"),
+    "dtype code 14": lambda t: t[0][0].__setitem__(2, 14),
+    "dtype code a string": lambda t: t[0][0].__setitem__(2, "float32"),
+    "encoding code 4": lambda t: t[0][0].__setitem__(1, 4),
+    "layout code 10": lambda t: t[0][0].__setitem__(4, 10),
+    "layout code dense with 3 streams": lambda t: t[0][0].__setitem__(4, 0),
+    "escape code with 3 streams": lambda t: t[0][0].__setitem__(4, 9),
+    "raw shuffle 2": lambda t: t[0][1].__setitem__(4, 2),
+    "raw shuffle true": lambda t: t[0][1].__setitem__(4, True),
+    "alias of a later tensor": lambda t: t[0].append(["z", 0, 4]),
+    "alias of itself": lambda t: t[0].append(["z", 0, 4]),
+    "alias with a shape": lambda t: t[0].append(["z", 0, 1, [30]]),
+    "header an object": lambda t: (t.clear(), t.append({"tensors": [], "metadata": {}})),
+    "program is null": lambda t: t.append(None),
+    "program without crc32": lambda t: t.append([0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPACT_FORGERIES))
+def test_forged_compact_headers_are_rejected(tmp_path, small_file, name):
+    with pytest.raises(DczError):
+        load_bytes(tmp_path, repack3(small_file, compact=COMPACT_FORGERIES[name]))
+
+
+def test_the_small_file_is_version_3_and_its_entries_are_as_the_forgeries_assume(small_file):
+    assert small_file[8:12] == b"\x03\x00\x00\x00"
+    top = Forged.parse(small_file).compact()
+    assert [c[0] for c in top[0]] == ["w", "b", "n", "d"] and top[0][0][4] in range(1, 9)
+    assert top[0][1][1] == 1 and len(top[0][0]) == 11
+
+
+def test_a_version_3_header_without_a_declared_size_is_refused(tmp_path, small_file):
+    f = Forged.parse(small_file)
+    f.header_frame = zstandard.ZstdCompressor(dict_data=dcz._HEADER_DICT_3, write_dict_id=False,
+                                              write_content_size=False).compress(f.header_json())
+    with pytest.raises(DczError, match="content size"):
+        load_bytes(tmp_path, f.to_bytes())
 
 
 def test_huge_numbers_and_deep_nesting_in_the_header_are_refused(tmp_path, small_file):
@@ -301,19 +399,18 @@ def test_a_huge_decode_is_refused_before_allocating(tmp_path):
     assert read(path, max_bytes=1 << 30)["w"].shape == (1000, 1000)
 
 
-def test_a_bool_byte_other_than_0_or_1_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_bool_byte_other_than_0_or_1_is_refused(tmp_path, version):
     path = tmp_path / "b.dcz"
     write(path, {"m": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0]).bool()})
-    data = path.read_bytes()
-    with DczFile(path) as f:
-        s = f.entries["m"]["streams"]["data"]
-    assert s["coding"] == "raw"
-    forged = bytearray(data)
-    forged[s["offset"] + 5] = 2
-    forged = repack(bytes(forged), lambda d: d["tensors"][0]["streams"]["data"].update(
-        crc32=zlib.crc32(bytes(forged[s["offset"]:s["offset"] + s["length"]]))))
+    f = Forged.read(path)
+    f.set_version(version)
+    assert f.doc["tensors"][0]["streams"]["data"]["coding"] == "raw"
+    data = bytearray(f.payloads[(0, "data")])
+    data[5] = 2
+    f.set_stream((0, "data"), bytes(data))  # checksums recomputed
     with pytest.raises(DczError, match="bool"):
-        load_bytes(tmp_path, forged)
+        load_bytes(tmp_path, f.to_bytes())
 
 
 def test_empty_tensors_with_huge_dims_load(tmp_path):
@@ -330,12 +427,17 @@ def test_fixture_uses_a_sparse_layout(tmp_path, small_file):
         assert f.entries["w"]["layout"] == "capped" and f.entries["d"]["layout"] == "dense"
 
 
-def test_repack_without_edit_still_loads(tmp_path, small_file):
-    assert set(load_bytes(tmp_path, repack(small_file, lambda d: None))) == {"w", "b", "n", "d"}
+def test_repack_without_edit_still_loads(tmp_path, small_file, small_file_v2):
+    want = load_bytes(tmp_path, small_file)
+    assert set(want) == {"w", "b", "n", "d"}
+    for data in (repack(small_file_v2, lambda d: None), repack3(small_file), small_file_v2,
+                 as_version(small_file, 1)):
+        assert_identical(load_bytes(tmp_path, data), want)
+    assert repack3(small_file) == small_file  # the forger writes what the writer writes
 
 
-def test_declared_huge_header_is_refused(tmp_path, small_file):
-    data = bytearray(small_file)
+def test_declared_huge_header_is_refused(tmp_path, small_file_v2):
+    data = bytearray(small_file_v2)
     h_off, h_len, _, h_crc, _ = dcz.TRAILER.unpack(data[-dcz.TRAILER.size:])
     body = struct.pack("<QQQI", h_off, h_len, 10**12, h_crc)
     data[-dcz.TRAILER.size:] = body + struct.pack("<I", zlib.crc32(body))
@@ -346,9 +448,9 @@ def test_declared_huge_header_is_refused(tmp_path, small_file):
 def test_wrong_magic_and_future_version(tmp_path, small_file):
     with pytest.raises(DczError, match="magic"):
         load_bytes(tmp_path, b"PK\x03\x04" + small_file[4:])
-    head = dcz.MAGIC + struct.pack("<I", 3)
+    head = dcz.MAGIC + struct.pack("<I", 4)
     future = head + struct.pack("<I", zlib.crc32(head)) + small_file[16:]
-    with pytest.raises(DczError, match="version 3"):
+    with pytest.raises(DczError, match="version 4"):
         load_bytes(tmp_path, future)
     with pytest.raises(DczError):
         load_bytes(tmp_path, b"")
@@ -392,3 +494,51 @@ def test_large_raw_tensors_round_trip(tmp_path):
         assert f.entries["smooth"]["shuffle"] and f.entries["smooth"]["streams"]["data"]["coding"] == "zstd"
         assert f.entries["noise"]["streams"]["data"]["coding"] == "raw"
         assert_identical(sd, dict(f.load()))
+
+
+def test_version_3_header_dictionary_matches_the_spec():
+    import hashlib
+
+    spec = (Path(dcz.__file__).parent / "SPEC.md").read_text()
+    appendix = spec.split("## Appendix B")[1]
+    digest = appendix.split("SHA-256")[1].split("`")[1]
+    assert hashlib.sha256(dcz.HEADER_DICTIONARY_3).hexdigest() == digest
+    assert len(dcz.HEADER_DICTIONARY_3) == 2048 and "2,048 bytes" in appendix
+
+
+def test_one_checksum_per_tensor_covers_all_its_streams(tmp_path, small_file):
+    path = tmp_path / "s.dcz"
+    path.write_bytes(small_file)
+    with DczFile(path) as f:
+        recs = f.entries["w"]["streams"]
+        assert all(s["crc32"] is None for s in recs.values()) and "crc32" in f.entries["w"]
+        last = recs["gaps"]
+    for at in (recs["codebook"]["offset"], last["offset"] + last["length"] - 1):
+        data = bytearray(small_file)
+        data[at] ^= 1
+        path.write_bytes(bytes(data))
+        with DczFile(path) as f:
+            assert f["b"].shape == (30,)  # the other tensors still load
+            for stream in recs:  # any one stream of the tensor: the whole tensor is checked
+                with pytest.raises(DczError, match="tensor 'w': checksum mismatch"):
+                    f.payload("w", stream)
+            with pytest.raises(DczError, match="'w': checksum"):
+                f["w"]
+
+
+LENET = Path(__file__).parents[2] / "shared" / "data" / "lenet"
+
+
+@pytest.mark.skipif(not LENET.is_dir(), reason="shared LeNet files not present")
+@pytest.mark.parametrize("name,v1,most", [("lenet300-v1.dcz", 386, 193),
+                                          ("lenet5-v1.dcz", 441, 220)])
+def test_the_lenet_header_and_framing_take_half_of_version_1(tmp_path, name, v1, most):
+    with DczFile(LENET / name) as f:
+        state, meta = f.load(), f.metadata
+        assert f.version == 1 and f.overhead_bytes == v1
+    size = write(tmp_path / "m.dcz", state, meta)
+    assert dcz.encoded_size(state, meta) == size
+    with DczFile(tmp_path / "m.dcz") as g:
+        assert g.overhead_bytes <= most, g.overhead_bytes
+        assert g.overhead_bytes == 16 + g.header_bytes + 12
+        assert_identical(dict(g.load()), dict(state))

@@ -36,7 +36,10 @@ SENTINEL = _WORK / "pickle-ran"
 BASES = forge.build_bases(_WORK / "bases")
 _MUTATIONS = {name: forge.mutations(Forged.read(path), seed=7, sentinel=str(SENTINEL),
                                     limit=CASES_PER_BASE) for name, path in BASES.items()}
-_MUTATIONS["grouped"] += list(forge.grouped_mutations(Forged.read(BASES["grouped"])))  # every one
+for _base in ("grouped", "grouped-v2"):  # every one
+    _MUTATIONS[_base] += list(forge.grouped_mutations(Forged.read(BASES[_base])))
+for _base in ("shared", "raw", "program", "grouped"):  # every version 3 rule
+    _MUTATIONS[_base] += list(forge.v3_rule_mutations(Forged.read(BASES[_base])))
 CASES = [f"{base}:{i}:{m.name}" for base, ms in _MUTATIONS.items() for i, m in enumerate(ms)]
 
 
@@ -126,11 +129,18 @@ def test_bases_cover_every_layout_and_load():
         layouts = {e.get("layout") for e in f.entries.values()}
         assert {"dense", "capped", "escape", None} <= layouts
         assert any(e["encoding"] == "alias" for e in f.entries.values())
+        lined = {e.get("layout") for e in f.entries.values() if e.get("lines")}
+        assert lined == {"dense", "capped"}  # dead lines (SPEC 2.5) in both kinds of layout
+        assert any("context" in e for e in f.entries.values() if e.get("lines"))
     with deepcompress.open_lazy(BASES["raw"]) as f:
         assert {"bool", "float8_e4m3fn", "float8_e5m2", "int64"} <= {
             e["dtype"] for e in f.entries.values()}
     for base, path in BASES.items():
         assert not forge.verdict("same", forge.check_file(path), None), base
+    for base, legacy, version in (("shared", "shared-v1", 1), ("grouped", "grouped-v2", 2)):
+        assert forge.check_file(BASES[legacy]) == reference(base)  # the same tensors
+        with deepcompress.open_lazy(BASES[legacy]) as f, deepcompress.open_lazy(BASES[base]) as g:
+            assert (f.version, g.version) == (version, 3)
 
 
 @pytest.mark.parametrize("base", sorted(BASES))
@@ -239,8 +249,10 @@ def test_corpus_is_small_and_listed():
 # --- grouped codebooks (format version 2) -------------------------------------------------------
 
 def test_the_grouped_base_has_every_layout_and_an_empty_group():
+    for base, version in (("grouped", 3), ("grouped-v2", 2)):
+        with deepcompress.open_lazy(BASES[base]) as f:
+            assert f.version == version
     with deepcompress.open_lazy(BASES["grouped"]) as f:
-        assert f.version == 2
         assert {e["layout"] for e in f.entries.values()} == {"dense", "capped", "escape"}
         assert all("groups" in e for e in f.entries.values())
         assert f.entries["gescape"]["group_rows"] == 7 and f.entries["gescape"]["groups"] == 8
@@ -542,14 +554,15 @@ def test_d_60000_aliases_inspect_completes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deepcompress.cli.main", "inspect", str(path)],
                           capture_output=True, text=True, timeout=45)
     assert proc.returncode == 0, proc.stderr[-500:]
-    assert "60005 tensors" in proc.stdout or "tensors" in proc.stdout
+    assert f"{60_000 + len(shared_base().doc['tensors'])} tensors" in proc.stdout
 
 
 @pytest.mark.slow
 def test_d_60000_aliases_load(tmp_path):
     path = forged_path(tmp_path, many_aliases())
     state = deepcompress.load_state_dict(path)
-    assert len(state) == 60_005 and state["tie.0"] is state["dense"]
+    assert len(state) == 60_000 + len(shared_base().doc["tensors"])
+    assert state["tie.0"] is state["dense"]
 
 
 def test_d_nothing_pickled_by_any_api(tmp_path):

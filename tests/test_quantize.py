@@ -273,7 +273,7 @@ def test_save_hands_codebooks_to_the_writer_and_writes_the_bytes_detection_gives
     assert (tmp_path / "declared.dcz").read_bytes() == (tmp_path / "detected.dcz").read_bytes()
     assert max(sizes) <= 32  # codebooks only (and fc3.bias, 10 values, left to detection)
     with DczFile(tmp_path / "declared.dcz") as f:
-        assert f.version == 1 and f.entries["fc1.weight"]["encoding"] == "shared"
+        assert f.version == 3 and f.entries["fc1.weight"]["encoding"] == "shared"
 
 
 def test_declared_shares_skip_tensors_with_further_parametrizations() -> None:
