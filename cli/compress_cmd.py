@@ -49,6 +49,9 @@ def check_output(out: str, force: bool) -> Path:
               "keyword inputs), or module:factory yielding batches. Layer-wise second-order "
               "pruning and sharing (OBS, GPTQ onto the codebook); a few hundred inputs suffice. "
               "Example: --calib inputs.npy")
+@click.option("--device", help="With a task or --calib: where retraining and the layer-wise "
+              "solves run (cpu, cuda, cuda:N; default cpu). The file is the same either way "
+              "up to floating-point rounding. Example: --device cuda")
 @click.option("--distill-epochs", type=int, help="With --calib: fine-tune the codebooks this many "
               "epochs on the original model's outputs (tensor inputs only). Example: --distill-epochs 10")
 @click.option("--example-input", help="Without a task or --calib: a file of inputs (as --calib) "
@@ -113,7 +116,7 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--quiet", is_flag=True, help="No progress bars or tables; just the final line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compress(input_path: str, output: str, task: str | None, data_dir: str | None,
-             arch: str | None, calib: str | None, distill_epochs: int | None,
+             arch: str | None, calib: str | None, device: str | None, distill_epochs: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
              schedule: str | None, structured: bool | None, channels: float | None,
@@ -149,7 +152,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              "target_bytes": target_bytes, "regulariser": regulariser,
              "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
-             "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "quiet": quiet or as_json}
+             "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "device": device,
+             "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
     the_task = load_task(task, data_dir) if task else None

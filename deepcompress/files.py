@@ -107,7 +107,8 @@ def _with_task(src: Path, dst: Path, config: CompressConfig, task: Task,
     model = _model(src, task, arch, unsafe_pickle)
     if model is None:
         raise CompressError(f"task {task.name}: has no model to build; pass --arch module:factory")
-    model, report = compress(model, task, config)
+    model, report = compress(model.to(config.device), task, config)
+    model = model.cpu()
     program = export_program(model, task.example_input) if architecture else None
     final = report.stages[-1]
     meta.update(val_metric=final.val_metric, test_metric=final.test_metric)
@@ -134,7 +135,8 @@ def _calibrated(src: Path, dst: Path, config: CompressConfig, calib: str | list,
     spec = calib if isinstance(calib, str) else "calibration inputs"
     batches = read_calibration(calib, config.batch_size) if isinstance(calib, str) else as_batches(calib)
     check_runs(model, batches, spec)
-    model, report = compress_calibrated(model, batches, config)
+    model, report = compress_calibrated(model.to(config.device), batches, config)
+    model = model.cpu()
     program = None
     if architecture:
         first = batches[0]

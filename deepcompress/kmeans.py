@@ -376,5 +376,6 @@ def cluster_weight(
     else:
         index = _labels(flat, c, min(float(d.x[0]), 0.0), max(float(d.x[-1]), 0.0)).astype(np.int16, copy=False)
         index[~nonzero] = -1
-    codebook = torch.from_numpy(c).to(weight.dtype if weight.is_floating_point() else torch.float32)
-    return codebook, torch.from_numpy(index).reshape(weight.shape)
+    codebook = torch.from_numpy(c).to(weight.device,
+                                      weight.dtype if weight.is_floating_point() else torch.float32)
+    return codebook, torch.from_numpy(index).reshape(weight.shape).to(weight.device)

@@ -73,9 +73,11 @@ class CompressConfig:
     weight_decay: float = 1e-4
     min_weights: int = 1000  # smaller layers stay dense
     seed: int = 0
+    device: str = "cpu"  # with a task or calibration: where training and the layer-wise solves run
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.sparsity is not None and self.quality is not None:
             raise CompressError("give either sparsity or quality, not both")
         if isinstance(self.sparsity, dict):
@@ -279,6 +281,24 @@ def _prune_config(config: CompressConfig) -> PruneConfig:
     if isinstance(config.sparsity, dict):  # only the named layers, each to its own sparsity
         return replace(base, sparsity=0.0, layers=config.sparsity, include=tuple(config.sparsity))
     return replace(base, sparsity=config.sparsity)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named, or CompressError with the fix when this machine has none such."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CompressError(f"device {device!r}: not a device name ({exc}); use cpu, cuda or "
+                            "cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CompressError(f"device {device!r}: this machine has no CUDA device (or torch is a "
+                            "CPU build); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CompressError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA "
+                            "devices; pick one of them")
+    if dev.type not in ("cpu", "cuda"):
+        raise CompressError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 def _train_config(config: CompressConfig, **changes: object) -> TrainConfig:

@@ -98,7 +98,8 @@ class SharedWeight(nn.Module):
         keep = idx >= 0
         idx = idx[keep]
         vals = weight.detach().reshape(-1)[keep].double()
-        sums = torch.zeros(self.n_clusters, dtype=torch.float64).index_add_(0, idx, vals)
+        sums = torch.zeros(self.n_clusters, dtype=torch.float64,
+                           device=weight.device).index_add_(0, idx, vals)
         counts = torch.bincount(idx, minlength=self.n_clusters).clamp_min(1)
         return (sums / counts).to(weight.dtype)
 

@@ -118,3 +118,15 @@ def test_example_input_embeds_the_architecture_data_free(files, task, tmp_path):
     r = run("compress", files / "m.pt", "-o", tmp_path / "o.dcz", "--example-input",
             files / "x.npy")
     assert r.exit_code == 2 and "--arch" in r.output
+
+
+def test_cli_device_cpu_gives_the_same_file_and_a_missing_device_is_one_line(files, tmp_path):
+    args = ["compress", files / "m.pt", "--arch", "deepcompress.models:digits_mlp", "--calib",
+            files / "x.npy", "--sparsity", "0.8", "--bits", "4", "--quiet"]
+    assert run(*args, "-o", tmp_path / "a.dcz").exit_code == 0
+    assert run(*args, "-o", tmp_path / "b.dcz", "--device", "cpu").exit_code == 0
+    assert (tmp_path / "a.dcz").read_bytes() == (tmp_path / "b.dcz").read_bytes()
+    if not torch.cuda.is_available():
+        r = run(*args, "-o", tmp_path / "c.dcz", "--device", "cuda")
+        assert r.exit_code == 2 and "--device cpu" in r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "c.dcz").exists()

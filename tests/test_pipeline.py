@@ -163,3 +163,12 @@ def test_one_rule_for_shared_tensors_with_and_without_a_task(task):
     shared_free = {r.name for r in rows if r.clusters}
     assert {f"{r.name}.weight" for r in with_task} == shared_free == {"0.weight", "2.weight",
                                                                       "4.weight"}
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "not a device name"), ("cuda", "no CUDA device"), ("meta", "only cpu and cuda")])
+def test_a_device_this_machine_lacks_is_refused_with_the_fix(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CompressError, match=message):
+        CompressConfig(device=device)
