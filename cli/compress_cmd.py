@@ -62,7 +62,8 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--quality", type=float, help="The paper's rule: prune |w| < QUALITY x std(w) per "
               "layer. Example: --quality 1.5")
 @click.option("--bits", help="Bits per shared weight, one number or per type/pattern. "
-              "Default conv=8,linear=5 with a task, 8 without. Example: --bits conv=8,linear=4")
+              "Default conv=8,linear=5 with a task; without one, chosen per tensor by "
+              "--max-weight-error. Example: --bits conv=8,linear=4")
 @click.option("--init", help="k-means initialisation: linear, density, random, kmeans++, "
               "optimal. Default linear with a task, optimal without. Example: --init optimal")
 @click.option("--criterion", type=click.Choice(_criteria.names()),
@@ -90,6 +91,10 @@ def check_output(out: str, force: bool) -> Path:
               "from the bytes each choice really codes to. Example: --target-ratio 20")
 @click.option("--target-bytes", type=int, help="Data-free: the same for a file size in bytes. "
               "Example: --target-bytes 2000000")
+@click.option("--max-weight-error", type=float, help="Data-free, without --bits or a target "
+              "(the default rule): choose each tensor's bits (1 to 8) for the fewest bytes whose "
+              "mean relative squared weight error stays at most this (default 0.01, a mean SQNR "
+              "of 20 dB). Example: --max-weight-error 0.003")
 @click.option("--regulariser", type=click.Choice(_regularisers.names()),
               help="Penalty added to the loss while retraining with a task: slimming (L1 on "
               "BatchNorm scales; then --criterion bn_scale), group_lasso (L2 norms of filters). "
@@ -121,6 +126,7 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              init: str | None, criterion: str | None, allocation: str | None,
              schedule: str | None, structured: bool | None, channels: float | None,
              channel_criterion: str | None, target_ratio: float | None,
+             max_weight_error: float | None,
              target_bytes: int | None, regulariser: str | None,
              regulariser_strength: float | None, rounds: int | None, prune_epochs: int | None,
              finetune_epochs: int | None, lr: float | None, seed: int | None,
@@ -130,10 +136,12 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
 
     With --task: the full pipeline (prune with retraining, weight sharing with centroid
     fine-tuning, entropy coding). Without a task there is no retraining, so the default
-    protects fidelity: no pruning unless --sparsity/--quality asks, 8-bit sharing with the
-    lowest-error (optimal) clustering, and a per-layer weight error (relative L2, SQNR).
-    Measured on a real pretrained sentence encoder: data-free 8-bit sharing kept embeddings at
-    cosine 0.996 to the original, while data-free 50% magnitude pruning collapsed them to 0.72.
+    protects fidelity: no pruning unless --sparsity/--quality asks, sharing with the
+    lowest-error (optimal) clustering at the per-tensor bits that keep the mean relative
+    squared weight error within --max-weight-error, and a per-layer weight error (relative L2,
+    SQNR) in the report. On CREPE (benchmarks/pretrained.py) that default is 13.0x with pitch
+    accuracy unchanged; on a pretrained sentence encoder, --bits 8 kept embeddings at cosine
+    0.996 to the original while data-free 50% magnitude pruning collapsed them to 0.72.
 
     \b
     Examples:
@@ -149,6 +157,7 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              "criterion": criterion, "allocation": allocation, "schedule": schedule,
              "structured": structured, "channels": channels,
              "channel_criterion": channel_criterion, "target_ratio": target_ratio,
+             "max_weight_error": max_weight_error,
              "target_bytes": target_bytes, "regulariser": regulariser,
              "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,

@@ -6,11 +6,12 @@ Data-free, the error is a weight-space proxy: each tensor's relative squared err
 weight error, whatever its size). Each shared tensor is clustered at every bit width once and
 encoded to learn its real bytes; then bits are lowered greedily where a byte saved costs the
 least error (a Lagrangian descent over the per-tensor rate-distortion points), until the
-tensors fit.
+tensors fit. Without a size, the default data-free rule is a fidelity target instead: the
+fewest bytes whose mean relative squared error stays within it (choose_bits_for_error).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,23 +52,46 @@ class RatePoints:
 
     points: dict[str, list[tuple[int, int, float]]]
     fixed: int
+    shapes: dict[str, tuple[int, int]]  # every tensor's (elements, nonzeros), in order
 
 
-def rate_points(tensors: Mapping[str, Tensor], init: str = "optimal", seed: int = 0,
-                quiet: bool = True) -> RatePoints:
+def rate_points(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                init: str = "optimal", seed: int = 0, quiet: bool = True) -> RatePoints:
     """Cluster and encode each shareable tensor at every bit width; encode the others once."""
     from tqdm import tqdm
 
     fixed = 0
     points: dict[str, list[tuple[int, int, float]]] = {}
-    for name, w in tqdm(tensors.items(), disable=quiet, desc="rate-distortion", unit="tensor",
+    shapes: dict[str, tuple[int, int]] = {}
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for name, w in tqdm(items, disable=quiet, desc="rate-distortion", unit="tensor",
                         leave=False):
+        shapes[name] = (w.numel(), int(torch.count_nonzero(w)))
         if not shareable(w):
             fixed += codec.encode_tensor(w).nbytes
             continue
         points[name] = [(b, codec.encode_tensor(q).nbytes, _rel_error(w, q))
                         for b in BITS for q in (_shared(w.detach(), b, init, seed),)]
-    return RatePoints(points, fixed)
+    return RatePoints(points, fixed, shapes)
+
+
+def _cheapest_step(points: dict[str, list[tuple[int, int, float]]], at: dict[str, int],
+                   allowed: float = float("inf")) -> str | None:
+    """The tensor whose next lower width saves a byte for the least added error, among steps
+    adding at most `allowed` error; None when there is none."""
+    best, best_slope = None, None
+    for name, i in at.items():
+        if i == 0:
+            continue
+        (_, b1, e1), (_, b0, e0) = points[name][i], points[name][i - 1]
+        if e0 - e1 > allowed:
+            continue
+        if b1 - b0 <= 0:  # fewer bits, no fewer bytes: no reason to stay
+            return name
+        slope = (e0 - e1) / (b1 - b0)
+        if best_slope is None or slope < best_slope:
+            best, best_slope = name, slope
+    return best
 
 
 def choose_bits(rate: RatePoints, target_bytes: int) -> list[Choice]:
@@ -80,23 +104,28 @@ def choose_bits(rate: RatePoints, target_bytes: int) -> list[Choice]:
         return fixed + sum(points[n][i][1] for n, i in at.items())
 
     while total() > target_bytes:
-        best, best_slope = None, None
-        for name, i in at.items():
-            if i == 0:
-                continue
-            (_, b1, e1), (_, b0, e0) = points[name][i], points[name][i - 1]
-            if b1 - b0 <= 0:  # fewer bits, no fewer bytes: no reason to stay
-                best = name
-                break
-            slope = (e0 - e1) / (b1 - b0)
-            if best_slope is None or slope < best_slope:
-                best, best_slope = name, slope
+        best = _cheapest_step(points, at)
         if best is None:
             floor = fixed + sum(p[0][1] for p in points.values())
             raise CompressError(f"target {target_bytes} B: even 1 bit everywhere takes {floor} B "
                                 f"(tensors that are not shared: {fixed} B); ask for a larger "
                                 "file, or prune too")
         at[best] -= 1
+    return [Choice(n, *points[n][i]) for n, i in at.items()]
+
+
+def choose_bits_for_error(rate: RatePoints, max_error: float) -> list[Choice]:
+    """Bits per shared tensor at the fewest coded bytes whose mean relative squared error over
+    the shared tensors stays at most max_error (the same greedy descent from 8 bits, each step
+    the cheapest in error per byte that still keeps the mean within the target)."""
+    points = rate.points
+    at = {name: len(BITS) - 1 for name in points}
+    spent = sum(points[n][i][2] for n, i in at.items())
+    budget = max_error * len(at)
+    while (best := _cheapest_step(points, at, budget - spent)) is not None:
+        i = at[best]
+        spent += points[best][i - 1][2] - points[best][i][2]
+        at[best] = i - 1
     return [Choice(n, *points[n][i]) for n, i in at.items()]
 
 

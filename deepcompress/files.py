@@ -4,17 +4,18 @@ The CLI's `compress` only parses flags into a CompressConfig and prints what thi
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .budget import choose_bits, rate_points, shared_at
+from .budget import Choice, RatePoints, choose_bits, choose_bits_for_error, rate_points, shared_at
 from .calibrated import compress_calibrated
 from .calibration import as_batches, check_runs, read_calibration
 from .errors import CompressError
@@ -185,6 +186,9 @@ def _data_free(src: Path, dst: Path, config: CompressConfig,
     if config.has_target:
         tensors = model_file.tensors if model_file is not None else dict(iter_safetensors(src))
         return _to_target(tensors, dst, config, meta, program)
+    if config.bits is None:  # the default: the weight-error target, in two passes over the file
+        return _to_error((lambda: iter_safetensors(src)) if streamed
+                         else model_file.tensors.items, dst, config, meta, program)
     stream = compress_tensors(counted(), config, rows)  # checks the settings before any work
     with _bar(count, config.quiet, "compress") as bar:
         size = save(stream, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))
@@ -217,13 +221,41 @@ def _to_target(tensors: dict[str, torch.Tensor], dst: Path, config: CompressConf
         if size <= target:
             break
         room -= size - target
+    return _budget_report(rate, choices, size, config), size
+
+
+def _to_error(items: Callable[[], Iterable[tuple[str, torch.Tensor]]], dst: Path,
+              config: CompressConfig, meta: dict, program: object | None) -> tuple[Report, int]:
+    """Data-free to the weight-error target: every tensor's rate-distortion points in a first
+    pass, the chosen widths in a second (one tensor in memory at a time)."""
+    if isinstance(config.sparsity, dict):
+        raise CompressError("per-layer sparsity needs a model; without a task give one number")
+    init = share_config(config, with_task=False).init
+
+    def pruned() -> Iterator[tuple[str, torch.Tensor]]:
+        return ((n, prune_tensor(t, config)) for n, t in items())
+
+    rate = rate_points(pruned(), init, config.seed, config.quiet)
+    choices = choose_bits_for_error(rate, config.max_weight_error)
+    bits = {c.name: c.bits for c in choices}
+    stream = ((n, shared_at(t, bits[n], init, config.seed) if n in bits else t)
+              for n, t in pruned())
+    size = save(stream, dst, {**meta, "max_weight_error": config.max_weight_error},
+                program=program)
+    return _budget_report(rate, choices, size, config), size
+
+
+def _budget_report(rate: RatePoints, choices: list[Choice], size: int,
+                   config: CompressConfig) -> Report:
     by_name = {c.name: c for c in choices}
-    rows = [LayerRow(n, t.numel(), int(torch.count_nonzero(t)),
-                     1 << by_name[n].bits if n in by_name else 0,
-                     by_name[n].rel_error ** 0.5 if n in by_name else None) for n, t in pruned.items()]
+    rows = []
+    for n, (numel, nonzero) in rate.shapes.items():
+        c = by_name.get(n)
+        rows.append(LayerRow(n, numel, nonzero, 1 << c.bits if c else 0,
+                             c.rel_error ** 0.5 if c else None,
+                             -10 * math.log10(c.rel_error) if c and c.rel_error > 0 else None))
     weights = sum(r.weights for r in rows)
-    report = Report(stages=[Stage("dense", None, None, weights, weights, dense, 0.0),
-                            Stage("shared", None, None, weights, sum(r.nonzero for r in rows), size,
-                                  0.0)],
-                    layers=rows, config=vars(config))
-    return report, size
+    return Report(stages=[Stage("dense", None, None, weights, weights, 4 * weights, 0.0),
+                          Stage("shared", None, None, weights, sum(r.nonzero for r in rows), size,
+                                0.0)],
+                  layers=rows, config=vars(config))

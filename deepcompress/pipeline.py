@@ -64,6 +64,9 @@ class CompressConfig:
     channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
     target_bytes: int | None = None  # data-free: per-tensor bits chosen to fit this file size
     target_ratio: float | None = None  # data-free: the same, as fp32 size / file size
+    # data-free without bits or a size: per-tensor bits at the fewest bytes whose mean relative
+    # squared weight error (||w - q(w)||^2 / ||w||^2, averaged over shared tensors) is at most this
+    max_weight_error: float = 0.01
     regulariser: str | None = None  # with a task: slimming, group_lasso (deepcompress.regularisers)
     regulariser_strength: float = 1e-4  # its weight in the loss
     lr: float = 0.01
@@ -113,6 +116,10 @@ class CompressConfig:
         if not getattr(criteria.get(self.channel_criterion), "structured", False):
             raise CompressError(f"channel_criterion {self.channel_criterion!r}: not a structured "
                                 "criterion; use l1_filter, fpgm, taylor_filter or apoz")
+        if not (isinstance(self.max_weight_error, (int, float))
+                and 0 < self.max_weight_error < 1):
+            raise CompressError(f"max_weight_error {self.max_weight_error!r}: must be between 0 "
+                                "and 1, e.g. 0.01 (a mean SQNR of 20 dB)")
         if self.target_bytes is not None and self.target_ratio is not None:
             raise CompressError("give target_bytes or target_ratio, not both")
         if self.target_bytes is not None and not (isinstance(self.target_bytes, int)
@@ -339,7 +346,8 @@ def channel_stage(model: nn.Module, task: Task, config: CompressConfig) -> Shrin
 
 def share_config(config: CompressConfig, with_task: bool) -> ShareConfig:
     """The one place where unset bits and init get their defaults: the paper's bits with a task
-    (retraining recovers), 8 bits and the lowest-error clustering without."""
+    (retraining recovers), 8 bits and the lowest-error clustering without (a file compressed
+    data-free without bits instead gets per-tensor bits from max_weight_error: files.py)."""
     bits = TASK_BITS if with_task else DATA_FREE_BITS
     init = TASK_INIT if with_task else DATA_FREE_INIT
     return ShareConfig(bits=config.bits if config.bits is not None else bits,

@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from deepcompress import CompressConfig, compress_file
-from deepcompress.budget import choose_bits, rate_points
+from deepcompress.budget import choose_bits, choose_bits_for_error, rate_points
 from deepcompress.cli.main import main
 from deepcompress.errors import CompressError
 
@@ -32,6 +32,24 @@ def test_the_file_meets_the_target_at_less_error_than_uniform_bits(state, tmp_pa
     report = compress_file(tmp_path / "m.pt", tmp_path / "r.dcz",
                            CompressConfig(target_ratio=15, sparsity=0.5, quiet=True))
     assert report.ratio >= 15 and any(r.nonzero < r.weights / 1.9 for r in report.layers)
+
+
+def test_the_error_target_is_met_at_fewer_bytes_than_uniform_bits(state):
+    rate = rate_points(state)
+    n = len(rate.points)
+    previous = None
+    for target in (0.001, 0.01, 0.05):
+        choices = choose_bits_for_error(rate, target)
+        assert sum(c.rel_error for c in choices) / n <= target
+        size = sum(c.bytes for c in choices)
+        # the widest uniform width within the target is never smaller than the per-tensor choice
+        uniform = [b for b in range(1, 9)
+                   if sum(p[b - 1][2] for p in rate.points.values()) / n <= target]
+        if uniform:
+            assert size <= sum(p[uniform[0] - 1][1] for p in rate.points.values())
+        assert previous is None or size <= previous  # a looser target never costs more
+        previous = size
+    assert {c.bits for c in choose_bits_for_error(rate, 1e-12)} == {8}  # nothing lower fits
 
 
 def test_an_impossible_target_says_the_smallest_size(state):

@@ -61,7 +61,16 @@ def test_data_free_compress_keeps_fidelity(trained, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     weights = [row for row in report["layers"] if row["name"].endswith("weight")]
-    assert weights and all(row["sqnr_db"] > 30 for row in weights)
+    errors = [10 ** (-row["sqnr_db"] / 10) for row in weights]
+    assert weights and sum(errors) / len(errors) <= 0.01  # the default fidelity target
+    eight, fine = tmp_path / "eight.dcz", tmp_path / "fine.dcz"
+    assert run("compress", tmp / "model.pt", "-o", eight, "--bits", "8").exit_code == 0
+    r = run("compress", tmp / "model.pt", "-o", fine, "--max-weight-error", "0.001", "--json")
+    assert r.exit_code == 0, r.output
+    fine_errors = [10 ** (-row["sqnr_db"] / 10) for row in json.loads(r.output)["layers"]
+                   if row["name"].endswith("weight")]
+    assert sum(fine_errors) / len(fine_errors) <= 0.001
+    assert out.stat().st_size < fine.stat().st_size < eight.stat().st_size
     state = deepcompress.load_state_dict(out)
     assert all(state[k].shape == v.shape for k, v in model.state_dict().items())
     assert len(torch.unique(state["fc1.weight"])) <= 256
