@@ -31,7 +31,9 @@ from .pipeline import (
 )
 from .prune import layer_stats
 from .quantize import share_weights
-from .train import fit
+from .train import evaluate, fit
+
+DISTILL_LR = 1e-3  # Adam's, unless config.finetune_lr says otherwise
 
 
 def output_error(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
@@ -63,6 +65,21 @@ def _stage(name: str, model: nn.Module, teacher: nn.Module, batches: list[Batch]
                  output_error(model, teacher, batches))
 
 
+def _distill(model: nn.Module, teacher: nn.Module, batches: list[Batch],
+             config: CompressConfig) -> None:
+    """Fine-tune on the teacher's outputs with Adam (MSE on raw outputs such as logits has a
+    scale that SGD at the retraining rate diverges on); the best validation epoch is kept, or
+    the model as it was if no epoch beats it."""
+    task = distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
+    start = evaluate(model, task, "val")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history = fit(model, task, _train_config(config, epochs=config.distill_epochs,
+                                             lr=config.finetune_lr or DISTILL_LR,
+                                             optimizer="adam", weight_decay=0.0))
+    if not max(h["val_metric"] for h in history) > start:  # NaN included
+        model.load_state_dict(before)
+
+
 def compress_calibrated(model: nn.Module, batches: list[Batch],
                         config: CompressConfig | None = None) -> tuple[nn.Module, Report]:
     """Prune (config.sparsity, per layer) and share (config.bits) model in place from calibration
@@ -81,9 +98,7 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
                                  min_weights=0, quiet=config.quiet)
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)
     if config.distill_epochs:
-        task = distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
-        fit(model, task, _train_config(config, epochs=config.distill_epochs,
-                                       lr=config.finetune_lr or config.lr / 10))
+        _distill(model, teacher, batches, config)
     bake(model)
     report.stages.append(_stage("shared", model, teacher, batches, t))
     by_layer = {f"{r.layer}.weight": r for r in results}

@@ -47,6 +47,24 @@ def test_calibrated_beats_data_free_on_output_error(trained, task):
     assert int((w == 0).sum()) == round(0.8 * w.numel()) and len(torch.unique(w[w != 0])) <= 16
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_distillation_lowers_the_output_error_whatever_the_output_scale(trained, task, scale):
+    import copy
+
+    teacher = nn.Sequential(copy.deepcopy(trained), nn.Linear(10, 10))  # logits times scale
+    with torch.no_grad():
+        teacher[1].weight.copy_(scale * torch.eye(10))
+        teacher[1].bias.zero_()
+    x, held_out = list(task.train[0][:256].split(64)), list(task.val[0].split(64))
+    errors = []
+    for epochs in (0, 10):
+        model = copy.deepcopy(teacher)
+        compress_calibrated(model, x, CompressConfig(sparsity=0.9, bits=3, distill_epochs=epochs,
+                                                     quiet=True))
+        errors.append(output_error(model, teacher, held_out))
+    assert errors[1] < 0.9 * errors[0]  # SGD at the retraining rate diverged at scale 30
+
+
 def test_cli_calib_writes_a_runnable_file(files, task, tmp_path):
     out = tmp_path / "m.dcz"
     r = run("compress", files / "m.pt", "-o", out, "--arch", "deepcompress.models:digits_mlp",
