@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import zstandard
 
-from deepcompress.formats import DczFile, read, streams, write
+from deepcompress.formats import DczFile, codec, read, streams, write
 
 HERE = Path(__file__).resolve().parent
 # issue 13: NNCodec 2.1.3 coding the project's own shared weights (same symbols), one thread
@@ -42,7 +42,7 @@ def part_of(stream: str) -> str:
         return "codebooks"
     if stream == "index":
         return "indices"
-    if stream in ("gaps", "long_gaps"):
+    if stream in ("gaps", "long_gaps", "rows", "cols"):
         return "positions"
     return "other tensor data"
 
@@ -82,6 +82,27 @@ def huffman_table_bytes(f: DczFile, name: str, stream: str) -> int:
     return 1 + f.payload(name, stream)[0] + 1 if s["coding"] == "huffman" and s["length"] else 0
 
 
+def index_symbols(f: DczFile, name: str) -> np.ndarray:
+    """The symbols of a tensor's index stream, in stream order, from the decoded tensor: what a
+    context-coded stream codes (it cannot be decoded on its own)."""
+    e = f.entries[name]
+    int_type = codec.SHAREABLE[e["dtype"]]
+    book = streams.decode(e["streams"]["codebook"]["coding"], e["streams"]["codebook"]["count"],
+                          f.payload(name, "codebook"), "codebook").view(int_type)
+    flat = f.decode(name).reshape(-1).view(codec._INT_TORCH[int_type]).numpy()
+    order = np.argsort(book)
+    rank = np.zeros(flat.size, dtype=np.int64)
+    nz = flat != 0
+    rank[nz] = order[np.searchsorted(book[order], flat[nz])] + 1
+    if e.get("lines"):
+        rows = e["shape"][0] if e["shape"] else 1
+        grid = rank.reshape(rows, -1)
+        grid = grid[grid.any(axis=1)][:, grid.any(axis=0)]
+        rank = grid.reshape(-1)
+    symbols = rank if e["layout"] == "dense" else rank[rank > 0] - 1
+    return symbols.astype(np.uint8)
+
+
 def analyse(path: Path) -> dict:
     """Bytes by part, and every symbol stream against its bounds."""
     parts: dict[str, int] = {}
@@ -97,18 +118,22 @@ def analyse(path: Path) -> dict:
                 tables[part] = tables.get(part, 0) + huffman_table_bytes(f, name, sname)
                 if sname not in SYMBOL_STREAMS:
                     continue
-                sym = streams.decode(s["coding"], s["count"], f.payload(name, sname), sname)
+                if s["coding"] == "context":
+                    sym = index_symbols(f, name)
+                else:
+                    sym = streams.decode(s["coding"], s["count"], f.payload(name, sname), sname)
                 row = {"tensor": name, "stream": sname, "layout": e["layout"],
+                       "lines": bool(e.get("lines")), "context": e.get("context"),
                        "symbols": int(sym.size), "coding": s["coding"], "stored": s["length"],
                        "order0": order0_bytes(sym), "order1": order1_bytes(sym), **packed(sym)}
                 symbol_rows.append(row)
                 b = bound[part]
                 for k in b:
                     b[k] += row[k]
-            if e["encoding"] == "shared" and "long_gaps" in e["streams"]:
-                bound["positions"]["stored"] += e["streams"]["long_gaps"]["length"]
-                for k in ("order0", "order1", "zstd19", "xz"):  # varints as they are
-                    bound["positions"][k] += e["streams"]["long_gaps"]["length"]
+            for extra in ("long_gaps", "rows", "cols"):  # varints and bitmaps as they are
+                if e["encoding"] == "shared" and extra in e["streams"]:
+                    for k in ("stored", "order0", "order1", "zstd19", "xz"):
+                        bound["positions"][k] += e["streams"][extra]["length"]
         parts["architecture"] = f.program_record["length"] if f.program_record else 0
         parts["header"] = f.header_bytes
         parts["preamble and trailer"] = f.overhead_bytes - f.header_bytes
@@ -188,7 +213,9 @@ def main() -> None:
                       f"{platform.python_version()}, torch {torch.__version__}",
            "bounds": "order0: count x H0 of the stream's byte symbols; order1: count x "
                      "H(symbol | previous symbol), both without any table; zstd19 and xz: "
-                     "the same symbol bytes; long_gaps varints are counted as stored",
+                     "the same symbol bytes; long_gaps varints and the dead-line bitmaps are "
+                     "counted as stored; a context-coded index stream's symbols are taken "
+                     "from the decoded tensor",
            "models": models}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
