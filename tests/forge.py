@@ -132,6 +132,8 @@ def decode_payload(coding: str, count: int, payload: bytes) -> bytes:
     streams are opaque here (their symbols depend on the whole entry)."""
     if coding == "context":
         raise ValueError("a context-coded stream has no symbols of its own")
+    if count > 1 << 28:  # a forged record: the forge decodes only what the reader would
+        raise ValueError(f"stream count {count} is beyond what the forge decodes")
     if coding == "raw":
         return bytes(payload)
     if coding == "const":
