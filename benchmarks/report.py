@@ -39,6 +39,33 @@ def table1(rows: list[dict]) -> list[str]:
     return out
 
 
+RAISED = {"lenet300": 160, "lenet5": 450}  # issue 12: within 0.5 pt of dense, chosen on validation
+
+
+def seeded(rows: list[dict]) -> list[str]:
+    """Table 1 over seeds: mean and half the spread of each figure, with the thread count."""
+    out = [f"{len(rows[0]['seeds'])} seeds ({', '.join(map(str, rows[0]['seeds']))}: the dense "
+           "training and the pipeline), torch threads fixed at "
+           f"{', '.join(sorted({str(r['threads']) for r in rows}))}; mean ± half the spread "
+           "(max - min) / 2. Settings are chosen on the validation split, so the drop that "
+           "counts for the target is the validation one.", "",
+           "| model | dense test | final test | dense val | final val | val drop | ratio | "
+           "raised target (issue 12) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        st = r["stats"]
+        def f(key: str, scale: float = 100, fmt: str = "{:.2f}", st: dict = st) -> str:
+            return f"{fmt.format(scale * st[key]['mean'])} ± {fmt.format(scale * st[key]['half_spread'])}"
+        drops = [100 * (x["dense_val_accuracy"] - x["final_val_accuracy"]) for x in r["runs"]]
+        drop = sum(drops) / len(drops)
+        goal = RAISED[r["model"]]
+        met = st["ratio"]["mean"] >= goal and drop <= 0.5
+        out.append(f"| {NAMES[r['model']]} | {f('dense_accuracy')}% | {f('final_accuracy')}% | "
+                   f"{f('dense_val_accuracy')}% | {f('final_val_accuracy')}% | {drop:.2f} pt | "
+                   f"{f('ratio', 1, '{:.1f}')}x | >= {goal}x within 0.5 pt: "
+                   f"{'met' if met else '**missed**'} |")
+    return out
+
+
 def layers(r: dict) -> list[str]:
     out = [f"**{NAMES[r['model']]}** ({r['weights']} parameters, {r['nonzero']} nonzero after "
            f"pruning; header and container {r['overhead_bytes']} bytes; with the architecture "
@@ -299,7 +326,14 @@ def main() -> None:
         md += table1(t1)
         md += ["", "For reference, on the same split and models, DeepCABAC (the MPEG neural-network "
                "coding standard) reached about 99x and 111x on 95%-pruned models, and the "
-               "best-known PyTorch reimplementation of the paper 54x on LeNet-300-100.", "",
+               "best-known PyTorch reimplementation of the paper 54x on LeNet-300-100.", ""]
+        seeds = [x for x in (load(f"table1-seeds-{m}.json") for m in NAMES) if x]
+        if seeds:
+            md += ["### Over seeds", "",
+                   "`python benchmarks/table1.py --model MODEL --data-dir ../shared/data/mnist "
+                   "--seeds 0,1,2 --threads 1 --out benchmarks/results/table1-seeds-MODEL.json`",
+                   ""] + seeded(seeds) + [""]
+        md += [
                "## Per layer (the paper's Tables 2 and 3)", "",
                "P: pruning, Q: weight sharing, H: entropy coding. Value bits are the coded "
                "cluster index per nonzero weight, position bits the coded relative position "

@@ -53,9 +53,14 @@ def reload_and_evaluate(path: Path, model: str, data_dir: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(model_name: str, data_dir: str, config_path: Path, workdir: Path) -> dict:
-    """Train, compress, save, reload: every figure of one Table 1 row."""
+def run(model_name: str, data_dir: str, config_path: Path, workdir: Path,
+        seed: int | None = None) -> dict:
+    """Train, compress, save, reload: every figure of one Table 1 row (seed: instead of the
+    settings' seed, for the dense training and the pipeline)."""
     settings = tomllib.loads(config_path.read_text())
+    if seed is not None:
+        settings["seed"] = seed
+        settings["compress"]["seed"] = seed
     task = load_task("mnist", data_dir)
     started = time.perf_counter()
     model = dense_model(model_name, task, settings)
@@ -133,14 +138,43 @@ def main() -> None:
     ap.add_argument("--config", help="settings TOML (default benchmarks/configs/MODEL.toml)")
     ap.add_argument("--out", help="JSON results path")
     ap.add_argument("--plot", help="also draw dcompress inspect's per-layer plot to this PNG")
+    ap.add_argument("--seeds", help="comma-separated seeds: one run each, written to --out with "
+                    "their mean and spread (default: the settings' seed, one run)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads (results differ between thread counts; recorded)")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     config = Path(args.config) if args.config else HERE / "configs" / f"{args.model}.toml"
+    if args.seeds:
+        seeded(args, config.resolve())
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.model, args.data_dir, config.resolve(), Path(tmp))
         if args.plot:
             plot_summary(summarize(Path(tmp) / f"{args.model}.dcz"), args.plot)
     print(render(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def seeded(args: argparse.Namespace, config: Path) -> None:
+    """One run per seed, and for each figure its mean and half spread ((max - min) / 2)."""
+    runs = []
+    for seed in (int(v) for v in args.seeds.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(run(args.model, args.data_dir, config, Path(tmp), seed))
+        print(f"seed {seed}: " + render(runs[-1]).splitlines()[0], flush=True)
+    figures = ("dense_accuracy", "dense_val_accuracy", "final_accuracy", "final_val_accuracy",
+               "accuracy_drop_points", "dcz_bytes", "ratio")
+    stats = {k: {"mean": sum(r[k] for r in runs) / len(runs),
+                 "half_spread": (max(r[k] for r in runs) - min(r[k] for r in runs)) / 2}
+             for k in figures}
+    result = {"model": args.model, "threads": args.threads, "config": str(config),
+              "seeds": [int(v) for v in args.seeds.split(",")], "stats": stats,
+              "runs": [{k: r[k] for k in figures} for r in runs]}
+    for k, v in stats.items():
+        print(f"{k}: {v['mean']:.4f} +- {v['half_spread']:.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
