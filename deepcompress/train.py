@@ -91,7 +91,9 @@ def fit(
     config: TrainConfig,
     on_epoch_end: Callable[[int], bool | None] | None = None,
 ) -> list[dict]:
-    """Train model on task.train, restore the best validation epoch, return per-epoch history.
+    """Train model on task.train, restore the best validation epoch (or the model as it came,
+    if no epoch beats it), return per-epoch history. A step whose loss is not finite ends the
+    training (every later step would be NaN).
 
     With config.regulariser, each step minimises loss + regulariser(model); train_loss reports
     the task loss alone.
@@ -112,10 +114,14 @@ def fit(
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
             if config.lr_schedule == "cosine" else None
         )
-        best_score, best_state = -math.inf, None
+        best_score, best_state, best_epoch = -math.inf, None, None
+        if config.epochs:
+            best_score = evaluate(model, task, "val")
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         total_steps = config.epochs * batches if batches is not None else None
         with tqdm(total=total_steps, disable=config.quiet, desc=f"train {task.name}",
                   leave=False) as bar:
+            diverged = False
             for epoch in range(config.epochs):
                 model.train()
                 order = torch.randperm(n, generator=shuffle) if n is not None else None
@@ -127,16 +133,21 @@ def fit(
                         loss.backward()
                     else:
                         (loss + config.regulariser(model)).backward()
+                    if not torch.isfinite(loss.detach()):
+                        diverged = True
+                        break
                     optimizer.step()
                     total += float(loss.detach()) * len(y)
                     seen += len(y)
                     bar.update(1)
+                if diverged:
+                    break
                 n_epoch = max(seen, 1)
                 lr = optimizer.param_groups[0]["lr"]
                 if schedule is not None:
                     schedule.step()
                 if on_epoch_end is not None and on_epoch_end(epoch):
-                    best_score, best_state = -math.inf, None
+                    best_score, best_state, best_epoch = -math.inf, None, None
                 score = evaluate(model, task, "val")
                 history.append({"epoch": epoch, "train_loss": total / n_epoch,
                                 "val_metric": score, "lr": lr, "best": False})
@@ -147,5 +158,6 @@ def fit(
                 bar.set_postfix(loss=f"{total / n_epoch:.4f}", val=f"{score:.4f}")
         if best_state is not None:
             model.load_state_dict(best_state)
+        if best_epoch is not None:
             history[best_epoch]["best"] = True
     return history

@@ -143,3 +143,16 @@ def test_a_one_shot_iterator_is_not_a_split(task):
 
     with pytest.raises(CompressError, match="re-iterable"):
         Task("once", iter([task.train]), task.val, task.test)
+
+
+def test_training_that_diverges_gives_back_the_model_as_it_came(task):
+    model = fresh()
+    fit(model, task, TrainConfig(epochs=2, lr=0.05, quiet=True))
+    start = copy.deepcopy(model.state_dict())
+    history = fit(model, task, TrainConfig(epochs=3, lr=1e6, quiet=True))  # NaN within an epoch
+    assert len(history) < 3 and not any(row["best"] for row in history)
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+    # and an epoch that is merely worse than the start does not replace it either
+    worse = fit(model, task, TrainConfig(epochs=1, lr=2.0, quiet=True))
+    assert worse[0]["val_metric"] < evaluate(model, task, "val")
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
