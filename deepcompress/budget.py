@@ -94,24 +94,57 @@ def _cheapest_step(points: dict[str, list[tuple[int, int, float]]], at: dict[str
     return best
 
 
+def descend(points: dict[str, list[tuple[object, int, float]]], fixed: int, target_bytes: int
+            ) -> dict[str, int] | None:
+    """Each name's point (index into its (setting, bytes, error) list, ordered by bytes) whose
+    total with `fixed` is at most target_bytes at the smallest summed error: from every list's
+    last point, step down where a byte saved costs least error; None when even the first points
+    do not fit."""
+    at = {name: len(p) - 1 for name, p in points.items()}
+    total = fixed + sum(points[n][i][1] for n, i in at.items())
+    while total > target_bytes:
+        best = _cheapest_step(points, at)
+        if best is None:
+            return None
+        total -= points[best][at[best]][1] - points[best][at[best] - 1][1]
+        at[best] -= 1
+    while True:  # the room the last step left: spend it where it lowers the error most
+        ups = [(points[n][i][2] - points[n][i + 1][2], n) for n, i in at.items()
+               if i + 1 < len(points[n])
+               and total + points[n][i + 1][1] - points[n][i][1] <= target_bytes]
+        if not ups:
+            return at
+        _, n = max(ups)
+        total += points[n][at[n] + 1][1] - points[n][at[n]][1]
+        at[n] += 1
+
+
+def hull(points: list[tuple[object, int, float]]) -> list[tuple[object, int, float]]:
+    """The points on the lower convex hull of (bytes, error), by bytes ascending: the only ones a
+    Lagrangian choice (least error per byte) ever stops at."""
+    front: list[tuple[object, int, float]] = []
+    for p in sorted(points, key=lambda p: (p[1], p[2])):
+        if front and (p[1] == front[-1][1] or p[2] >= front[-1][2]):
+            continue  # no fewer bytes, or no less error, than a point already kept
+        while len(front) >= 2:
+            (_, x0, y0), (_, x1, y1) = front[-2], front[-1]
+            if (y1 - y0) * (p[1] - x1) < (p[2] - y1) * (x1 - x0):
+                break
+            front.pop()  # above the chord from front[-2] to p
+        front.append(p)
+    return front
+
+
 def choose_bits(rate: RatePoints, target_bytes: int) -> list[Choice]:
     """Bits per shared tensor whose coded tensors, with the others, take at most target_bytes at
     the smallest summed relative error (greedy: lower bits where a byte costs least error)."""
-    points, fixed = rate.points, rate.fixed
-    at = {name: len(BITS) - 1 for name in points}  # start at 8 bits everywhere
-
-    def total() -> int:
-        return fixed + sum(points[n][i][1] for n, i in at.items())
-
-    while total() > target_bytes:
-        best = _cheapest_step(points, at)
-        if best is None:
-            floor = fixed + sum(p[0][1] for p in points.values())
-            raise CompressError(f"target {target_bytes} B: even 1 bit everywhere takes {floor} B "
-                                f"(tensors that are not shared: {fixed} B); ask for a larger "
-                                "file, or prune too")
-        at[best] -= 1
-    return [Choice(n, *points[n][i]) for n, i in at.items()]
+    at = descend(rate.points, rate.fixed, target_bytes)
+    if at is None:
+        floor = rate.fixed + sum(p[0][1] for p in rate.points.values())
+        raise CompressError(f"target {target_bytes} B: even 1 bit everywhere takes {floor} B "
+                            f"(tensors that are not shared: {rate.fixed} B); ask for a larger "
+                            "file, or prune too")
+    return [Choice(n, *rate.points[n][i]) for n, i in at.items()]
 
 
 def choose_bits_for_error(rate: RatePoints, max_error: float) -> list[Choice]:

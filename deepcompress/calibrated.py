@@ -5,20 +5,30 @@ surviving weights compensated, then round onto the layer's H-weighted k-means co
 error feedback; tensors outside Linear/Conv layers that the one sharing rule covers (embeddings)
 are shared data-free. Optionally the codebooks are then fine-tuned against the original model's
 outputs (distillation, deepcompress.distill).
+
+With a size target instead of sparsity and bits, each layer's sparsity and bits come from a
+budget: every layer is tried alone at each (sparsity, bits) of a grid, magnitude-pruned and
+k-means-shared (a quick, pessimistic stand-in for the layer-wise solve), its coded bytes
+measured and the model's output error on the first calibration inputs; then the cheapest error
+per byte is taken layer by layer (budget.descend over each layer's lower convex hull, errors
+summed) until the file fits, and the chosen settings go to the layer-wise solve.
 """
 from __future__ import annotations
 
 import copy
+import glob
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .budget import descend, hull, shared_at
 from .calibration import Batch, floating_outputs, run_model
 from .distill import distill_task
 from .errors import CompressError
-from .formats import dcz
-from .layerwise import compress_layerwise
+from .formats import codec, dcz
+from .layerwise import _layer_sparsity, _selected, compress_layerwise
 from .parametrize import bake
 from .pipeline import (
     CompressConfig,
@@ -29,30 +39,107 @@ from .pipeline import (
     _train_config,
     share_config,
 )
-from .prune import layer_stats
+from .prune import layer_stats, sparsity_mask
 from .quantize import share_weights
-from .train import evaluate, fit
+from .train import fit
 
 DISTILL_LR = 1e-3  # Adam's, unless config.finetune_lr says otherwise
+BUDGET_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)  # the grid a size target chooses
+BUDGET_BITS = (2, 3, 4, 5, 6)  # from, per layer
+BUDGET_INPUTS = 16  # calibration inputs each candidate's output error is measured on
+
+
+def _outputs(model: nn.Module, batches: list[Batch]) -> list[list[torch.Tensor]]:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [floating_outputs(run_model(model, batch)) for batch in batches]
+    finally:
+        model.train(was)
+
+
+def _relative(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> float:
+    num = den = 0.0
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            num += float(((a.double() - b.double()) ** 2).sum())
+            den += float((b.double() ** 2).sum())
+    return num / den if den else 0.0
 
 
 def output_error(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
     """sum ||model(x) - reference(x)||^2 / sum ||reference(x)||^2 over every floating output."""
-    num = den = 0.0
-    was = model.training, reference.training
-    model.eval()
-    reference.eval()
-    try:
+    return _relative(_outputs(model, batches), _outputs(reference, batches))
+
+
+@dataclass
+class LayerChoice:
+    """One layer's settings chosen for a size target, with the bytes and output error measured for them."""
+
+    layer: str
+    sparsity: float
+    bits: int
+    bytes: int
+    error: float
+
+
+def _first(batches: list[Batch], n: int) -> list[Batch]:
+    out, have = [], 0
+    for batch in batches:
+        if have >= n:
+            break
+        size = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
+        take = min(size, n - have)
+        out.append({k: v[:take] for k, v in batch.items()} if isinstance(batch, dict) else batch[:take])
+        have += take
+    return out
+
+
+def choose_layer_settings(model: nn.Module, batches: list[Batch], target_bytes: int,
+                          config: CompressConfig, reserved: int = 0) -> list[LayerChoice]:
+    """Per Linear/Conv layer, the (sparsity, bits) of the grid whose coded bytes, with the rest
+    of the model's, fit target_bytes at the least summed output error, each layer measured alone
+    (magnitude pruning and k-means, on the first BUDGET_INPUTS calibration inputs). A given
+    sparsity (one fraction or per layer) is kept and only bits are chosen; `reserved` bytes of
+    the file go to something else (an embedded program)."""
+    from tqdm import tqdm
+
+    layers = _selected(model, ("*",), (), 0)
+    names = {f"{n}.weight" for n in layers}
+    rest = {k: v for k, v in model.state_dict().items() if k not in names}
+    fixed = dcz.encoded_size(rest) + reserved
+    sample = _first(batches, BUDGET_INPUTS)
+    want = _outputs(model, sample)
+    sc = share_config(config, with_task=False)
+    points: dict[str, list[tuple[tuple[float, int], int, float]]] = {}
+    grid = [(n, s, b) for n in layers
+            for s in (BUDGET_SPARSITIES if config.sparsity is None
+                       else (_layer_sparsity(n, config.sparsity),))
+            for b in BUDGET_BITS]
+    bar = tqdm(total=len(grid), disable=config.quiet, desc="budget", unit="setting", leave=False)
+    for name, module in layers.items():
+        w0 = module.weight.detach().clone()
+        options = []
+        for s, b in [(s, b) for n, s, b in grid if n == name]:
+            pruned = torch.where(sparsity_mask(w0, s).bool(), w0, 0.0) if s > 0 else w0
+            q = shared_at(pruned, b, sc.init, config.seed)
+            with torch.no_grad():
+                module.weight.copy_(q)
+            options.append(((s, b), codec.encode_tensor(q).nbytes,
+                            _relative(_outputs(model, sample), want)))
+            bar.update(1)
         with torch.no_grad():
-            for batch in batches:
-                got, want = floating_outputs(run_model(model, batch)), floating_outputs(run_model(reference, batch))
-                for a, b in zip(got, want, strict=True):
-                    num += float(((a.double() - b.double()) ** 2).sum())
-                    den += float((b.double() ** 2).sum())
-    finally:
-        model.train(was[0])
-        reference.train(was[1])
-    return num / den if den else 0.0
+            module.weight.copy_(w0)
+        points[name] = hull(options)
+    bar.close()
+    at = descend(points, fixed, target_bytes)
+    if at is None:
+        floor = fixed + sum(p[0][1] for p in points.values())
+        raise CompressError(f"target {target_bytes} B: the smallest settings tried (sparsity "
+                            f"{max(s for _, s, _ in grid)}, {min(BUDGET_BITS)} bits) take "
+                            f"{floor} B; ask for a larger file")
+    return [LayerChoice(n, *points[n][i][0], *points[n][i][1:]) for n, i in at.items()]
 
 
 def _stage(name: str, model: nn.Module, teacher: nn.Module, batches: list[Batch], started: float,
@@ -68,22 +155,20 @@ def _stage(name: str, model: nn.Module, teacher: nn.Module, batches: list[Batch]
 def _distill(model: nn.Module, teacher: nn.Module, batches: list[Batch],
              config: CompressConfig) -> None:
     """Fine-tune on the teacher's outputs with Adam (MSE on raw outputs such as logits has a
-    scale that SGD at the retraining rate diverges on); the best validation epoch is kept, or
+    scale that SGD at the retraining rate diverges on); fit keeps the best validation epoch, or
     the model as it was if no epoch beats it."""
     task = distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
-    start = evaluate(model, task, "val")
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = fit(model, task, _train_config(config, epochs=config.distill_epochs,
-                                             lr=config.finetune_lr or DISTILL_LR,
-                                             optimizer="adam", weight_decay=0.0))
-    if not max(h["val_metric"] for h in history) > start:  # NaN included
-        model.load_state_dict(before)
+    fit(model, task, _train_config(config, epochs=config.distill_epochs,
+                                   lr=config.finetune_lr or DISTILL_LR, optimizer="adam",
+                                   weight_decay=0.0))
 
 
 def compress_calibrated(model: nn.Module, batches: list[Batch],
-                        config: CompressConfig | None = None) -> tuple[nn.Module, Report]:
+                        config: CompressConfig | None = None, reserved: int = 0
+                        ) -> tuple[nn.Module, Report]:
     """Prune (config.sparsity, per layer) and share (config.bits) model in place from calibration
-    batches, then distill for config.distill_epochs; returns the baked model and the report."""
+    batches, or to config's size target (less `reserved` bytes the file spends elsewhere), then
+    distill for config.distill_epochs; returns the baked model and the report."""
     config = config or CompressConfig()
     if config.quality is not None:
         raise CompressError("quality: the std rule has no calibrated form; give --sparsity with --calib")
@@ -94,7 +179,13 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
                                 size=_fp32_bytes(model.state_dict())))
     sc = share_config(config, with_task=False)
     t = time.perf_counter()
-    results = compress_layerwise(model, batches, config.sparsity, sc.bits, init=sc.init,
+    sparsity, bits = config.sparsity, sc.bits
+    if config.has_target:
+        target = config.target_bytes or int(_fp32_bytes(model.state_dict()) / config.target_ratio)
+        report.budget = choose_layer_settings(model, batches, target, config, reserved)
+        sparsity = {glob.escape(c.layer): c.sparsity for c in report.budget}
+        bits = {glob.escape(c.layer): c.bits for c in report.budget}
+    results = compress_layerwise(model, batches, sparsity, bits, init=sc.init,
                                  min_weights=0, quiet=config.quiet)
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)
     if config.distill_epochs:

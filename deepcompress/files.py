@@ -21,7 +21,7 @@ from .calibration import as_batches, check_runs, read_calibration
 from .errors import CompressError
 from .formats.readers import iter_safetensors, read_model
 from .inputs import build_model
-from .io import export_program, save
+from .io import export_program, program_bytes, save
 from .pipeline import (
     CompressConfig,
     LayerRow,
@@ -136,13 +136,14 @@ def _calibrated(src: Path, dst: Path, config: CompressConfig, calib: str | list,
     spec = calib if isinstance(calib, str) else "calibration inputs"
     batches = read_calibration(calib, config.batch_size) if isinstance(calib, str) else as_batches(calib)
     check_runs(model, batches, spec)
-    model, report = compress_calibrated(model.to(config.device), batches, config)
-    model = model.cpu()
     program = None
-    if architecture:
-        first = batches[0]
+    if architecture:  # exported before compressing (weightless: the same program), so that a
+        first = batches[0]  # size target counts its bytes
         program = export_program(model, {k: v[:2] for k, v in first.items()}
                                  if isinstance(first, Mapping) else first[:2])
+    model, report = compress_calibrated(model.to(config.device), batches, config,
+                                        reserved=program_bytes(program))
+    model = model.cpu()
     meta.update(calibration_output_error=report.stages[-1].output_error)
     with _bar(len(model.state_dict()), config.quiet, "encode") as bar:
         size = save(model, dst, meta, program=program, on_tensor=lambda *_: bar.update(1))

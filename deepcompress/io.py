@@ -68,6 +68,16 @@ def _declared(tensors: dict[str, torch.Tensor], shares: dict[str, Shared]
     return {n: by_storage.get(_where(t), t) for n, t in tensors.items()}
 
 
+def program_bytes(program: torch.export.ExportedProgram | None) -> int:
+    """The bytes an exported program adds to a .dcz (its packed archive, coded as save codes it)."""
+    if program is None:
+        return 0
+    import numpy as np
+
+    from .formats import streams
+    return streams.encode_bytes(np.frombuffer(_program.pack(program), dtype=np.uint8)).nbytes
+
+
 def export_program(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor]
                    ) -> torch.export.ExportedProgram | None:
     """torch.export of the model in eval mode for this input (a tensor, or a dict of keyword

@@ -267,7 +267,7 @@ def _install(model: nn.Module, name: str, module: nn.Module, weight: Tensor, ind
 
 
 def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], sparsity: float | dict[str, float] | None = 0.5,
-                       bits: int | str | None = 4, *, blocks: Sequence[str] | None = None, blocksize: int = 128,
+                       bits: int | str | dict[str, int] | None = 4, *, blocks: Sequence[str] | None = None, blocksize: int = 128,
                        damp: float = 0.01, weighted: bool = True, init: str = "optimal", act_order: bool = False,
                        include: Sequence[str] = ("*",), exclude: Sequence[str] = (), min_weights: int = 0,
                        max_columns: int = 16384, install: str = "auto", dtype: torch.dtype = torch.float64,
@@ -275,8 +275,8 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
     """Prune (OBS) and share (GPTQ onto an H-weighted k-means codebook) every selected Linear/Conv layer, block by block, in place.
 
     sparsity: one fraction, or {layer pattern: fraction} (first match, others unpruned), or None;
-    bits: int, a spec like 'conv=6,linear=4,fc3=5' (deepcompress.quantize.parse_bits), or None
-    (prune only). Results are installed as SharedWeight (Mask without bits) parametrizations, or
+    bits: int, a spec like 'conv=6,linear=4,fc3=5' (deepcompress.quantize.parse_bits), or
+    {layer pattern: bits} (first match, others at their type's default), or None (prune only). Results are installed as SharedWeight (Mask without bits) parametrizations, or
     written into the plain weight with install='plain'. Layers with more than max_columns
     flattened inputs fall back to magnitude pruning and nearest-centroid k-means.
     """
@@ -285,11 +285,20 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
             _check_unit(v, f"sparsity for {p!r}")
     elif sparsity is not None:
         _check_unit(sparsity, "sparsity")
+    for p, v in (bits.items() if isinstance(bits, dict) else ()):
+        if not isinstance(v, int) or not 1 <= v <= 8:
+            raise CompressError(f"bits for {p!r}: {v!r} is not 1 to 8; pick 1 to 8 bits per layer")
     if install not in INSTALLS:
         raise CompressError(f"install {install!r}: unknown; use one of {', '.join(INSTALLS)}")
     if not isinstance(blocksize, int) or blocksize < 1:
         raise CompressError(f"blocksize {blocksize!r}: must be a positive whole number, e.g. 128")
-    rules = parse_bits(bits) if bits is not None else None
+    rules = (None if bits is None else [] if isinstance(bits, dict) else parse_bits(bits))
+
+    def layer_bits(name: str, module: nn.Module) -> int:
+        if isinstance(bits, dict):
+            return next((int(v) for p, v in bits.items() if fnmatch(name, p)),
+                        bits_for(name, module, []))
+        return bits_for(name, module, rules)
     layers = _selected(model, include, exclude, min_weights)
     results: list[LayerResult] = []
 
@@ -316,7 +325,7 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
         pruned = torch.where(keep, w0, 0.0)
         final, index = pruned, None
         if rules is not None:
-            k = 1 << bits_for(name, module, rules)
+            k = 1 << layer_bits(name, module)
             codebook = fit_codebook(pruned, k, init=init).to(torch.float64)
             idx = nearest(pruned.reshape(-1).to(torch.float64), codebook).reshape(w0.shape)
             final = torch.where(keep, codebook[idx], 0.0).to(w0.dtype) + 0.0
@@ -336,7 +345,7 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
                 pruned, keep = w0, torch.ones_like(w0, dtype=torch.bool)
             final, index = pruned, None
             if rules is not None:
-                k = 1 << bits_for(name, module, rules)
+                k = 1 << layer_bits(name, module)
                 importance = h.diagonal().reshape(1, -1) if weighted else None
                 codebook = fit_codebook(pruned.reshape(pruned.shape[0], -1), k, importance=importance, init=init)
                 final, index = gptq_quantize(w0, h, codebook, mask=keep, blocksize=blocksize, damp=damp,

@@ -62,8 +62,8 @@ class CompressConfig:
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
     channels: float | None = None  # with a task, first: remove this fraction of every hidden
     channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
-    target_bytes: int | None = None  # data-free: per-tensor bits chosen to fit this file size
-    target_ratio: float | None = None  # data-free: the same, as fp32 size / file size
+    target_bytes: int | None = None  # per-tensor bits (with calibration: per-layer sparsity
+    target_ratio: float | None = None  # and bits) chosen to fit this size, or fp32 size / this
     # data-free without bits or a size: per-tensor bits at the fewest bytes whose mean relative
     # squared weight error (||w - q(w)||^2 / ||w||^2, averaged over shared tensors) is at most this
     max_weight_error: float = 0.01
@@ -249,6 +249,8 @@ class Report:
     output: str | None = None  # the .dcz written, when compress_file wrote one
     peak_memory: int | None = None  # the process's peak resident bytes, when compress_file ran
     shrunk: ShrinkReport | None = None  # with structured pruning: the channels each layer kept
+    budget: list = field(default_factory=list)  # with calibration and a size target: each
+    # layer's chosen sparsity and bits, with its measured bytes and error (calibrated.LayerChoice)
 
     @property
     def ratio(self) -> float:
@@ -485,4 +487,10 @@ def render_report(report: Report) -> str:
         out = f"{r.output_error:.4f}" if r.output_error is not None else "-"
         lines.append(f"{r.name[:32]:<32} {r.weights:>9} {r.nonzero / max(r.weights, 1):>8.1%} "
                      f"{r.clusters or '-':>8} {rel:>8} {sq:>8} {out:>8}")
+    if report.budget:
+        lines += ["", "budget (each layer tried alone: magnitude pruning and k-means, coded bytes "
+                  "and the model's output error)",
+                  f"{'layer':<32} {'sparsity':>8} {'bits':>4} {'bytes':>10} {'out err':>9}"]
+        lines += [f"{c.layer[:32]:<32} {c.sparsity:>8.2f} {c.bits:>4} {c.bytes:>10} "
+                  f"{c.error:>9.3g}" for c in report.budget]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from deepcompress import CompressConfig, compress_file
-from deepcompress.budget import choose_bits, choose_bits_for_error, rate_points
+from deepcompress.budget import choose_bits, choose_bits_for_error, descend, hull, rate_points
 from deepcompress.cli.main import main
 from deepcompress.errors import CompressError
 
@@ -65,3 +65,24 @@ def test_cli_target_and_bits_conflict(trained, tmp_path):
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.dcz"),
                                   "--target-ratio", "20", "--quiet"])
     assert r.exit_code == 0 and (tmp_path / "o.dcz").stat().st_size <= 202440 / 20
+
+
+def test_hull_keeps_only_points_a_lagrangian_choice_can_stop_at():
+    pts = [("a", 10, 1.0), ("b", 20, 0.5), ("c", 30, 0.45), ("d", 40, 0.1), ("e", 25, 0.9),
+           ("f", 20, 0.7), ("g", 50, 0.1)]
+    # e and f cost more than b for more error; g more than d for the same; c lies above the
+    # chord from b to d
+    assert [p[0] for p in hull(pts)] == ["a", "b", "d"]
+    assert hull([("x", 5, 0.0)]) == [("x", 5, 0.0)]
+
+
+def test_descend_fits_the_target_then_spends_what_is_left():
+    points = {"big": [("lo", 100, 0.9), ("mid", 300, 0.3), ("hi", 600, 0.0)],
+              "small": [("lo", 10, 0.5), ("hi", 40, 0.0)]}
+    assert descend(points, 50, 10_000) == {"big": 2, "small": 1}
+    assert descend(points, 50, 680) == {"big": 1, "small": 1}  # big's step: least error per byte
+    # small is lowered first (cheaper per byte), big must follow, and its large step leaves room
+    # to raise small back
+    cheap = {"big": [("lo", 100, 0.9), ("hi", 600, 0.0)], "small": [("lo", 10, 0.05), ("hi", 40, 0.0)]}
+    assert descend(cheap, 50, 400) == {"big": 0, "small": 1}
+    assert descend(points, 50, 150) is None

@@ -148,3 +148,35 @@ def test_cli_device_cpu_gives_the_same_file_and_a_missing_device_is_one_line(fil
         r = run(*args, "-o", tmp_path / "c.dcz", "--device", "cuda")
         assert r.exit_code == 2 and "--device cpu" in r.output
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "c.dcz").exists()
+
+
+def test_a_size_target_with_calibration_chooses_each_layers_settings(trained, task):
+    import copy
+
+    from deepcompress.formats import dcz
+
+    x = list(task.train[0][:192].split(64))
+    dense = 4 * sum(v.numel() for v in trained.state_dict().values())
+    for ratio in (10, 25):
+        model, report = compress_calibrated(copy.deepcopy(trained), x,
+                                            CompressConfig(target_ratio=ratio, quiet=True))
+        size = dcz.encoded_size(model.state_dict())
+        assert 0.9 * dense / ratio <= size <= 1.02 * dense / ratio
+        assert [c.layer for c in report.budget] == ["fc1", "fc2", "fc3"]
+        for c in report.budget:  # the layer holds what was chosen for it
+            w = getattr(model, c.layer).weight
+            assert int((w == 0).sum()) >= round(c.sparsity * w.numel())
+            assert len(torch.unique(w[w != 0])) <= 1 << c.bits
+    assert "budget" in deepcompress.pipeline.render_report(report)
+    with pytest.raises(CompressError, match="smallest settings tried"):
+        compress_calibrated(copy.deepcopy(trained), x, CompressConfig(target_bytes=500, quiet=True))
+
+
+def test_cli_calib_with_a_target_ratio(files, tmp_path):
+    result = run("compress", files / "m.pt", "-o", tmp_path / "t.dcz", "--arch",
+                 "deepcompress.models:digits_mlp", "--calib", files / "x.npy", "--target-ratio", 20,
+                 "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    import json
+    out = json.loads(result.output)
+    assert 0.98 * 20 <= out["ratio"] and len(out["budget"]) == 3
