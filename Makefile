@@ -30,7 +30,8 @@ bench: install
 	$(BIN)/python benchmarks/kmeans.py --out $(RESULTS)/kmeans.json
 	for m in lenet300 lenet5; do \
 	  $(BIN)/python benchmarks/prune.py --data-dir $(DATA) --model $$m --quiet --out $(RESULTS)/prune_$$m.json && \
-	  $(BIN)/python benchmarks/table1.py --model $$m --data-dir $(DATA) --out $(RESULTS)/$$m.json --plot $(RESULTS)/inspect-$$m.png && \
+	  $(BIN)/python benchmarks/table1.py --model $$m --data-dir $(DATA) --threads 1 --out $(RESULTS)/$$m.json --plot $(RESULTS)/inspect-$$m.png && \
+	  $(BIN)/python benchmarks/table1.py --model $$m --data-dir $(DATA) --seeds 0,1,2 --threads 1 --out $(RESULTS)/table1-seeds-$$m.json && \
 	  $(BIN)/python benchmarks/bits.py --model $$m --data-dir $(DATA) --out $(RESULTS)/bits-$$m.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/plots.py --data-dir $(DATA) --out-dir $(RESULTS)

@@ -33,6 +33,10 @@ from deepcompress.train import TrainConfig, evaluate, fit
 UNSTRUCTURED = [("magnitude", "agp"), ("taylor", "agp"), ("obd", "agp"), ("obs", "agp"),
                 ("magnitude", "lottery"), ("magnitude", "dns")]
 STRUCTURED = ["l1_filter", "taylor_filter", "fpgm", "apoz"]
+# Structured sparsity learning (Wen et al. 2016): group lasso on the neurons/filters while AGP
+# removes them gradually, by L1 norm (network slimming needs BatchNorm, which the LeNets lack)
+SSL = {"criterion": "l1_filter", "schedule": "agp", "regulariser": "group_lasso",
+       "regulariser_strength": 1e-4}
 
 
 def latency(model: torch.nn.Module, example: torch.Tensor, batch: int, repeat: int = 30) -> float:
@@ -122,6 +126,9 @@ def main() -> None:
             row, model = one(dense, task, config, example)
             rows.setdefault(f"{criterion} (structured)", []).append(row)
             shrunk = shrunk or model
+        print(f"seed {seed}: group lasso (SSL, structured)", flush=True)
+        row, _ = one(dense, task, replace(config, **SSL), example)
+        rows.setdefault("group_lasso+l1_filter agp (structured)", []).append(row)
         print(f"seed {seed}: scratch", flush=True)
         dense_train = TrainConfig(**s["dense"])
         rows.setdefault("l1_filter architecture from scratch", []).append(

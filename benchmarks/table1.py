@@ -97,6 +97,7 @@ def run(model_name: str, data_dir: str, config_path: Path, workdir: Path,
     return {
         "model": model_name,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "threads": torch.get_num_threads(),
         "config": str(config_path),
         "dense_accuracy": dense_test, "dense_val_accuracy": dense_val,
         "stages": [{"stage": s.name, "val_accuracy": s.val_metric, "test_accuracy": s.test_metric,
@@ -140,8 +141,9 @@ def main() -> None:
     ap.add_argument("--plot", help="also draw dcompress inspect's per-layer plot to this PNG")
     ap.add_argument("--seeds", help="comma-separated seeds: one run each, written to --out with "
                     "their mean and spread (default: the settings' seed, one run)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads (results differ between thread counts; recorded)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: results differ between thread counts, and "
+                    "more threads than free cores run many times slower; recorded)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = Path(args.config) if args.config else HERE / "configs" / f"{args.model}.toml"
