@@ -137,6 +137,7 @@ def main() -> None:
                    for m in ("test_accuracy", "bytes", "latency_1", "latency_64") if all(m in r for r in v)}
                for k, v in rows.items()}
     result = {"model": args.model, "seeds": args.seeds, "epochs": args.epochs, "channels": args.channels,
+              "sparsity": s["compress"]["sparsity"],
               "rows": rows, "summary": summary}
     for k, v in summary.items():
         if v:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import glob
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +86,20 @@ class LayerChoice:
 
 
 def _first(batches: list[Batch], n: int) -> list[Batch]:
+    """The batches holding the first n inputs (the last one cut)."""
+    def cut(batch: Batch, k: int) -> Batch:
+        if isinstance(batch, Mapping):
+            return {key: v[:k] for key, v in batch.items()}
+        return tuple(v[:k] for v in batch) if isinstance(batch, tuple) else batch[:k]
+
     out, have = [], 0
     for batch in batches:
         if have >= n:
             break
-        size = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
-        take = min(size, n - have)
-        out.append({k: v[:take] for k, v in batch.items()} if isinstance(batch, dict) else batch[:take])
+        first = (next(iter(batch.values())) if isinstance(batch, Mapping)
+                 else batch[0] if isinstance(batch, tuple) else batch)
+        take = min(len(first), n - have)
+        out.append(cut(batch, take))
         have += take
     return out
 

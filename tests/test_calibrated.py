@@ -180,3 +180,14 @@ def test_cli_calib_with_a_target_ratio(files, tmp_path):
     import json
     out = json.loads(result.output)
     assert 0.98 * 20 <= out["ratio"] and len(out["budget"]) == 3
+
+
+def test_the_budget_measures_on_the_first_inputs_of_any_batch_kind():
+    from deepcompress.calibrated import _first
+
+    x = torch.arange(30.0).reshape(10, 3)
+    assert [b.shape[0] for b in _first([x, x, x], 16)] == [10, 6]
+    named = _first([{"a": x, "b": x[:, :1]}] * 3, 25)
+    assert [b["a"].shape[0] for b in named] == [10, 10, 5] and named[2]["b"].shape == (5, 1)
+    pairs = _first([(x, x)] * 2, 4)
+    assert len(pairs) == 1 and torch.equal(pairs[0][1], x[:4])
