@@ -121,32 +121,36 @@ def choose_layer_settings(model: nn.Module, batches: list[Batch], target_bytes: 
     want = _outputs(model, sample)
     sc = share_config(config, with_task=False)
     points: dict[str, list[tuple[tuple[float, int], int, float]]] = {}
-    grid = [(n, s, b) for n in layers
-            for s in (BUDGET_SPARSITIES if config.sparsity is None
-                       else (_layer_sparsity(n, config.sparsity),))
-            for b in BUDGET_BITS]
-    bar = tqdm(total=len(grid), disable=config.quiet, desc="budget", unit="setting", leave=False)
+    def sparsities(name: str) -> tuple[float, ...]:
+        return (BUDGET_SPARSITIES if config.sparsity is None
+                else (_layer_sparsity(name, config.sparsity),))
+
+    total = sum(len(sparsities(n)) * len(BUDGET_BITS) for n in layers)
+    bar = tqdm(total=total, disable=config.quiet, desc="budget", unit="setting", leave=False)
     for name, module in layers.items():
         w0 = module.weight.detach().clone()
         options = []
-        for s, b in [(s, b) for n, s, b in grid if n == name]:
-            pruned = torch.where(sparsity_mask(w0, s).bool(), w0, 0.0) if s > 0 else w0
-            q = shared_at(pruned, b, sc.init, config.seed)
+        try:
+            for s in sparsities(name):
+                pruned = torch.where(sparsity_mask(w0, s).bool(), w0, 0.0) if s > 0 else w0
+                for b in BUDGET_BITS:
+                    q = shared_at(pruned, b, sc.init, config.seed)
+                    with torch.no_grad():
+                        module.weight.copy_(q)
+                    options.append(((s, b), codec.encode_tensor(q).nbytes,
+                                    _relative(_outputs(model, sample), want)))
+                    bar.update(1)
+        finally:
             with torch.no_grad():
-                module.weight.copy_(q)
-            options.append(((s, b), codec.encode_tensor(q).nbytes,
-                            _relative(_outputs(model, sample), want)))
-            bar.update(1)
-        with torch.no_grad():
-            module.weight.copy_(w0)
+                module.weight.copy_(w0)
         points[name] = hull(options)
     bar.close()
     at = descend(points, fixed, target_bytes)
     if at is None:
         floor = fixed + sum(p[0][1] for p in points.values())
-        raise CompressError(f"target {target_bytes} B: the smallest settings tried (sparsity "
-                            f"{max(s for _, s, _ in grid)}, {min(BUDGET_BITS)} bits) take "
-                            f"{floor} B; ask for a larger file")
+        raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
+                            f"sparsity, {min(BUDGET_BITS)} bits) take {floor} B; ask for a "
+                            "larger file")
     return [LayerChoice(n, *points[n][i][0], *points[n][i][1:]) for n, i in at.items()]
 
 
