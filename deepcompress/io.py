@@ -69,13 +69,10 @@ def _declared(tensors: dict[str, torch.Tensor], shares: dict[str, Shared]
 
 
 def program_bytes(program: torch.export.ExportedProgram | None) -> int:
-    """The bytes an exported program adds to a .dcz (its packed archive, coded as save codes it)."""
+    """The bytes an exported program adds to a .dcz (its stream and header record, as written)."""
     if program is None:
         return 0
-    import numpy as np
-
-    from .formats import streams
-    return streams.encode_bytes(np.frombuffer(_program.pack(program), dtype=np.uint8)).nbytes
+    return dcz.encoded_size({}, program=_program.pack(program)) - dcz.encoded_size({})
 
 
 def export_program(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor]

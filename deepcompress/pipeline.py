@@ -62,8 +62,10 @@ class CompressConfig:
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
     channels: float | None = None  # with a task, first: remove this fraction of every hidden
     channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
-    target_bytes: int | None = None  # per-tensor bits (with calibration: per-layer sparsity
-    target_ratio: float | None = None  # and bits) chosen to fit this size, or fp32 size / this
+    # a file size (or fp32 size / file size) to fit: data-free, each tensor's bits are chosen;
+    # with calibration, each layer's sparsity and bits (calibrated.choose_layer_settings)
+    target_bytes: int | None = None
+    target_ratio: float | None = None
     # data-free without bits or a size: per-tensor bits at the fewest bytes whose mean relative
     # squared weight error (||w - q(w)||^2 / ||w||^2, averaged over shared tensors) is at most this
     max_weight_error: float = 0.01

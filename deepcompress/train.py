@@ -129,15 +129,16 @@ def fit(
                 for x, y in task.batches("train", config.batch_size, order):
                     optimizer.zero_grad(set_to_none=True)
                     loss = task.loss(model(x.to(device)), y.to(device))
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        diverged = True
+                        break
                     if config.regulariser is None:
                         loss.backward()
                     else:
                         (loss + config.regulariser(model)).backward()
-                    if not torch.isfinite(loss.detach()):
-                        diverged = True
-                        break
                     optimizer.step()
-                    total += float(loss.detach()) * len(y)
+                    total += value * len(y)
                     seen += len(y)
                     bar.update(1)
                 if diverged:
