@@ -280,19 +280,10 @@ def unlabeled_section(r: dict) -> list[str]:
     return out
 
 
-def _sparsity(r: dict) -> float:
-    """The unstructured budget of a criteria run (older JSON: the model's config)."""
-    if "sparsity" in r:
-        return r["sparsity"]
-    import tomllib
-    return tomllib.loads((ROOT / "benchmarks" / "configs" / f"{r['model']}.toml").read_text())[
-        "compress"]["sparsity"]
-
-
 def criteria_section(r: dict) -> list[str]:
     """One row per criterion or schedule: mean over seeds with half the spread (max - min) / 2."""
     out = [f"{NAMES[r['model']]}, seeds {r['seeds']}, {r['epochs']} retraining epochs for every row; "
-           f"unstructured rows prune {100 * _sparsity(r):.1f}% of the weights "
+           f"unstructured rows prune {100 * r['sparsity']:.1f}% of the weights "
            "(global), structured rows remove "
            f"{100 * r['channels']:.0f}% of the neurons of every hidden layer for real. Mean ± half "
            "the spread over seeds; latency is one forward pass on one thread.", "",

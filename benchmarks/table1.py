@@ -162,8 +162,9 @@ def main() -> None:
 
 def seeded(args: argparse.Namespace, config: Path) -> None:
     """One run per seed, and for each figure its mean and half spread ((max - min) / 2)."""
+    seeds = [int(v) for v in args.seeds.split(",")]
     runs = []
-    for seed in (int(v) for v in args.seeds.split(",")):
+    for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             runs.append(run(args.model, args.data_dir, config, Path(tmp), seed))
         print(f"seed {seed}: " + render(runs[-1]).splitlines()[0], flush=True)
@@ -173,7 +174,7 @@ def seeded(args: argparse.Namespace, config: Path) -> None:
                  "half_spread": (max(r[k] for r in runs) - min(r[k] for r in runs)) / 2}
              for k in figures}
     result = {"model": args.model, "threads": args.threads, "config": str(config),
-              "seeds": [int(v) for v in args.seeds.split(",")], "stats": stats,
+              "seeds": seeds, "stats": stats,
               "runs": [{k: r[k] for k in figures} for r in runs]}
     for k, v in stats.items():
         print(f"{k}: {v['mean']:.4f} +- {v['half_spread']:.4f}")
