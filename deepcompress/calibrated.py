@@ -11,7 +11,9 @@ budget: every layer is tried alone at each (sparsity, bits) of a grid, magnitude
 k-means-shared (a quick, pessimistic stand-in for the layer-wise solve), its coded bytes
 measured and the model's output error on the first calibration inputs; then the cheapest error
 per byte is taken layer by layer (budget.descend over each layer's lower convex hull, errors
-summed) until the file fits, and the chosen settings go to the layer-wise solve.
+summed) until the file fits, and the chosen settings go to the layer-wise solve, which reports
+each layer's coded bytes as it is done so that the layers after it are chosen again for the
+bytes left (RatePlan).
 """
 from __future__ import annotations
 
@@ -76,13 +78,15 @@ def output_error(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
 
 @dataclass
 class LayerChoice:
-    """One layer's settings chosen for a size target, with the bytes and output error measured for them."""
+    """One layer's settings chosen for a size target: the bytes and output error the grid
+    measured for them, and the bytes the layer took once solved."""
 
     layer: str
     sparsity: float
     bits: int
     bytes: int
     error: float
+    coded: int | None = None
 
 
 def _first(batches: list[Batch], n: int) -> list[Batch]:
@@ -104,23 +108,19 @@ def _first(batches: list[Batch], n: int) -> list[Batch]:
     return out
 
 
-def choose_layer_settings(model: nn.Module, batches: list[Batch], target_bytes: int,
-                          config: CompressConfig, reserved: int = 0) -> list[LayerChoice]:
-    """Per Linear/Conv layer, the (sparsity, bits) of the grid whose coded bytes, with the rest
-    of the model's, fit target_bytes at the least summed output error, each layer measured alone
-    (magnitude pruning and k-means, on the first BUDGET_INPUTS calibration inputs). A given
-    sparsity (one fraction or per layer) is kept and only bits are chosen; `reserved` bytes of
-    the file go to something else (an embedded program)."""
+def _grid(model: nn.Module, batches: list[Batch], config: CompressConfig
+          ) -> dict[str, list[tuple[tuple[float, int], int, float]]]:
+    """Each Linear/Conv layer's lower hull of ((sparsity, bits), coded bytes, output error) over
+    the grid, the layer tried alone (magnitude pruning and k-means) on the first BUDGET_INPUTS
+    calibration inputs; a given sparsity (one fraction or per layer) is kept and only bits vary."""
     from tqdm import tqdm
 
     layers = _selected(model, ("*",), (), 0)
-    names = {f"{n}.weight" for n in layers}
-    rest = {k: v for k, v in model.state_dict().items() if k not in names}
-    fixed = dcz.encoded_size(rest) + reserved
     sample = _first(batches, BUDGET_INPUTS)
     want = _outputs(model, sample)
     sc = share_config(config, with_task=False)
     points: dict[str, list[tuple[tuple[float, int], int, float]]] = {}
+
     def sparsities(name: str) -> tuple[float, ...]:
         return (BUDGET_SPARSITIES if config.sparsity is None
                 else (_layer_sparsity(name, config.sparsity),))
@@ -145,13 +145,61 @@ def choose_layer_settings(model: nn.Module, batches: list[Batch], target_bytes: 
                 module.weight.copy_(w0)
         points[name] = hull(options)
     bar.close()
-    at = descend(points, fixed, target_bytes)
-    if at is None:
-        floor = fixed + sum(p[0][1] for p in points.values())
-        raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
-                            f"sparsity, {min(BUDGET_BITS)} bits) take {floor} B; ask for a "
-                            "larger file")
-    return [LayerChoice(n, *points[n][i][0], *points[n][i][1:]) for n, i in at.items()]
+    return points
+
+
+class RatePlan:
+    """Per-layer (sparsity, bits) for a file size, re-planned as the layer-wise solve goes (a
+    rate controller's feedback): after each layer, the layers not yet solved are chosen again
+    for the bytes left, their grid bytes scaled by how far the solved layers' coded bytes ran
+    from their plan (the solve codes to other bytes than the grid's stand-in)."""
+
+    def __init__(self, points: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
+                 target_bytes: int):
+        self.points, self.fixed, self.target = points, fixed, target_bytes
+        at = descend(points, fixed, target_bytes)
+        if at is None:
+            floor = fixed + sum(p[0][1] for p in points.values())
+            raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
+                                f"sparsity, {min(BUDGET_BITS)} bits) take {floor} B; ask for a "
+                                "larger file")
+        self.at = at
+        self.coded: dict[str, int] = {}
+        self.sparsity: dict[str, float] = {}  # read by compress_layerwise as each layer comes
+        self.bits: dict[str, int] = {}
+        self._publish()
+
+    def _publish(self) -> None:
+        for name, i in self.at.items():
+            self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = self.points[name][i][0]
+
+    def solved(self, layer: str, weight: torch.Tensor) -> None:
+        """Record a solved layer's coded bytes and choose the remaining layers again."""
+        self.coded[layer] = codec.encode_tensor(weight.detach()).nbytes
+        left = {n: p for n, p in self.points.items() if n not in self.coded}
+        if not left:
+            return
+        planned = sum(self.points[n][self.at[n]][1] for n in self.coded)
+        scale = sum(self.coded.values()) / planned if planned else 1.0
+        scaled = {n: [(s, max(1, round(b * scale)), e) for s, b, e in p] for n, p in left.items()}
+        at = descend(scaled, self.fixed + sum(self.coded.values()), self.target)
+        self.at.update(at if at is not None else dict.fromkeys(left, 0))
+        self._publish()
+
+    def choices(self) -> list[LayerChoice]:
+        """Each layer's final settings, planned bytes and error, and coded bytes once solved."""
+        return [LayerChoice(n, *self.points[n][i][0], *self.points[n][i][1:],
+                            coded=self.coded.get(n)) for n, i in self.at.items()]
+
+
+def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,
+                config: CompressConfig, reserved: int = 0) -> RatePlan:
+    """The (sparsity, bits) per Linear/Conv layer whose coded bytes, with the rest of the
+    model's, fit target_bytes at the least summed output error (every layer measured alone on a
+    grid, see _grid); `reserved` bytes of the file go to something else (an embedded program)."""
+    names = {f"{n}.weight" for n in _selected(model, ("*",), (), 0)}
+    rest = {k: v for k, v in model.state_dict().items() if k not in names}
+    return RatePlan(_grid(model, batches, config), dcz.encoded_size(rest) + reserved, target_bytes)
 
 
 def _stage(name: str, model: nn.Module, teacher: nn.Module, batches: list[Batch], started: float,
@@ -191,14 +239,15 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
                                 size=_fp32_bytes(model.state_dict())))
     sc = share_config(config, with_task=False)
     t = time.perf_counter()
-    sparsity, bits = config.sparsity, sc.bits
+    sparsity, bits, solved = config.sparsity, sc.bits, None
     if config.has_target:
         target = config.target_bytes or int(_fp32_bytes(model.state_dict()) / config.target_ratio)
-        report.budget = choose_layer_settings(model, batches, target, config, reserved)
-        sparsity = {glob.escape(c.layer): c.sparsity for c in report.budget}
-        bits = {glob.escape(c.layer): c.bits for c in report.budget}
-    results = compress_layerwise(model, batches, sparsity, bits, init=sc.init,
-                                 min_weights=0, quiet=config.quiet)
+        plan = plan_layers(model, batches, target, config, reserved)
+        sparsity, bits, solved = plan.sparsity, plan.bits, plan.solved
+    results = compress_layerwise(model, batches, sparsity, bits, init=sc.init, min_weights=0,
+                                 quiet=config.quiet, on_layer=solved)
+    if config.has_target:
+        report.budget = plan.choices()
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)
     if config.distill_epochs:
         _distill(model, teacher, batches, config)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -271,12 +271,15 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
                        damp: float = 0.01, weighted: bool = True, init: str = "optimal", act_order: bool = False,
                        include: Sequence[str] = ("*",), exclude: Sequence[str] = (), min_weights: int = 0,
                        max_columns: int = 16384, install: str = "auto", dtype: torch.dtype = torch.float64,
-                       mode: str = "auto", quiet: bool = True) -> list[LayerResult]:
+                       mode: str = "auto", quiet: bool = True,
+                       on_layer: Callable[[str, Tensor], None] | None = None) -> list[LayerResult]:
     """Prune (OBS) and share (GPTQ onto an H-weighted k-means codebook) every selected Linear/Conv layer, block by block, in place.
 
     sparsity: one fraction, or {layer pattern: fraction} (first match, others unpruned), or None;
     bits: int, a spec like 'conv=6,linear=4,fc3=5' (deepcompress.quantize.parse_bits), or
-    {layer pattern: bits} (first match, others at their type's default), or None (prune only). Results are installed as SharedWeight (Mask without bits) parametrizations, or
+    {layer pattern: bits} (first match, others at their type's default), or None (prune only).
+    The dicts are read as each layer is reached: on_layer(name, final weight), called after each
+    layer, may change the settings of the layers still to come. Results are installed as SharedWeight (Mask without bits) parametrizations, or
     written into the plain weight with install='plain'. Layers with more than max_columns
     flattened inputs fall back to magnitude pruning and nearest-centroid k-means.
     """
@@ -305,6 +308,8 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
     def finish(name: str, block: str, module: nn.Module, w0: Tensor, pruned: Tensor, keep: Tensor,
                final: Tensor, index: Tensor | None, h: Tensor | None, method: str, t0: float) -> None:
         clusters = _install(model, name, module, final, index, keep, install)
+        if on_layer is not None:
+            on_layer(name, final)
         zeros = int((final == 0).sum())
         nan = math.nan
         results.append(LayerResult(name, block, w0.numel(), zeros / max(w0.numel(), 1), clusters,

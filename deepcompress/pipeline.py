@@ -491,8 +491,10 @@ def render_report(report: Report) -> str:
                      f"{r.clusters or '-':>8} {rel:>8} {sq:>8} {out:>8}")
     if report.budget:
         lines += ["", "budget (each layer tried alone: magnitude pruning and k-means, coded bytes "
-                  "and the model's output error)",
-                  f"{'layer':<32} {'sparsity':>8} {'bits':>4} {'bytes':>10} {'out err':>9}"]
+                  "and the model's output error; then the bytes it took once solved)",
+                  f"{'layer':<32} {'sparsity':>8} {'bits':>4} {'planned':>10} {'out err':>9} "
+                  f"{'coded':>10}"]
         lines += [f"{c.layer[:32]:<32} {c.sparsity:>8.2f} {c.bits:>4} {c.bytes:>10} "
-                  f"{c.error:>9.3g}" for c in report.budget]
+                  f"{c.error:>9.3g} {c.coded if c.coded is not None else '-':>10}"
+                  for c in report.budget]
     return "\n".join(lines)
