@@ -37,18 +37,25 @@ HERE = Path(__file__).resolve().parent
 RELOAD = """
 import json, sys, torch
 import deepcompress
-from deepcompress.models import {model}
+from deepcompress import models
 from deepcompress.tasks import load_task
 from deepcompress.train import evaluate
 task = load_task("mnist", sys.argv[2])
-model = deepcompress.load(sys.argv[1], {model}())
-print(json.dumps({{"test": evaluate(model, task, "test"), "val": evaluate(model, task, "val")}}))
+path, weights, cls = sys.argv[1], sys.argv[3], sys.argv[4]
+model = deepcompress.load(path) if cls == "-" else deepcompress.load(path, getattr(models, cls)())
+state = deepcompress.load_state_dict(weights)
+assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "not the same weights"
+print(json.dumps({"test": evaluate(model, task, "test"), "val": evaluate(model, task, "val")}))
 """
 
 
-def reload_and_evaluate(path: Path, model: str, data_dir: str) -> dict:
-    """Evaluate the .dcz in a fresh interpreter: nothing carried over from this process."""
-    out = subprocess.run([sys.executable, "-c", RELOAD.format(model=model), str(path), data_dir],
+def reload_and_evaluate(path: Path, model: str | None, data_dir: str,
+                        weights: Path | None = None) -> dict:
+    """Evaluate the .dcz in a fresh interpreter: nothing carried over from this process. With
+    model None it runs the architecture embedded in the file; weights, another .dcz, must hold
+    the same tensors (checked)."""
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(path), data_dir,
+                          str(weights or path), model or "-"],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -75,7 +82,11 @@ def run(model_name: str, data_dir: str, config_path: Path, workdir: Path,
     with_arch = workdir / f"{model_name}-arch.dcz"
     deepcompress.save(model, with_arch,
                       program=deepcompress.export_program(model, task.example_input))
-    reloaded = reload_and_evaluate(dcz, model_name, data_dir)
+    # channels removed (config `channels`, or `structured`): the original class no longer fits,
+    # so the file with the architecture runs, checked to hold the weights-only file's tensors
+    shrunk = report.shrunk is not None and any(r.kept < r.channels for r in report.shrunk.layers)
+    reloaded = (reload_and_evaluate(with_arch, None, data_dir, weights=dcz) if shrunk
+                else reload_and_evaluate(dcz, model_name, data_dir))
     summary = summarize(dcz)
     tensors = {t["name"]: t for t in summary["tensors"]}
     layers = []
@@ -111,6 +122,8 @@ def run(model_name: str, data_dir: str, config_path: Path, workdir: Path,
         "header_bytes": summary["header_bytes"], "overhead_bytes": summary["overhead_bytes"],
         "weights": summary["weights"], "nonzero": summary["nonzero"],
         "layers": layers,
+        "channels_removed": shrunk,
+        "architecture": {r["layer"]: tensors[f"{r['layer']}.weight"]["shape"] for r in layers},
         "paper": PAPER[model_name],
         "wall_seconds": time.perf_counter() - started,
     }

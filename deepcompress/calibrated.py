@@ -175,6 +175,8 @@ class RatePlan:
 
     def solved(self, layer: str, weight: torch.Tensor) -> None:
         """Record a solved layer's coded bytes and choose the remaining layers again."""
+        if layer not in self.points:
+            return
         self.coded[layer] = codec.encode_tensor(weight.detach()).nbytes
         left = {n: p for n, p in self.points.items() if n not in self.coded}
         if not left:
