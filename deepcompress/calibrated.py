@@ -204,14 +204,15 @@ def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,
     return RatePlan(_grid(model, batches, config), dcz.encoded_size(rest) + reserved, target_bytes)
 
 
-def _stage(name: str, model: nn.Module, teacher: nn.Module, batches: list[Batch], started: float,
+def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]], batches: list[Batch],
+           started: float,
            size: int | None = None) -> Stage:
     stats = layer_stats(model)
     weights = sum(s.total for s in stats)
     nonzero = sum(s.nonzero for s in stats)
     size = size if size is not None else dcz.encoded_size(model.state_dict())
     return Stage(name, None, None, weights, nonzero, size, time.perf_counter() - started,
-                 output_error(model, teacher, batches))
+                 _relative(_outputs(model, batches), reference))
 
 
 def _distill(model: nn.Module, teacher: nn.Module, batches: list[Batch],
@@ -236,8 +237,11 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
         raise CompressError("quality: the std rule has no calibrated form; give --sparsity with --calib")
     report = Report(config=vars(config).copy())
     t0 = time.perf_counter()
-    teacher = copy.deepcopy(model).eval()
-    report.stages.append(_stage("dense", model, teacher, batches, t0,
+    # the original's outputs are what errors are measured against; the original itself is kept
+    # only to distill from (a second copy of the weights)
+    teacher = copy.deepcopy(model).eval() if config.distill_epochs else None
+    reference = _outputs(model, batches)
+    report.stages.append(_stage("dense", model, reference, batches, t0,
                                 size=_fp32_bytes(model.state_dict())))
     sc = share_config(config, with_task=False)
     t = time.perf_counter()
@@ -254,7 +258,7 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
     if config.distill_epochs:
         _distill(model, teacher, batches, config)
     bake(model)
-    report.stages.append(_stage("shared", model, teacher, batches, t))
+    report.stages.append(_stage("shared", model, reference, batches, t))
     by_layer = {f"{r.layer}.weight": r for r in results}
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():

@@ -61,29 +61,39 @@ def _check_unit(value: float, what: str) -> None:
         raise CompressError(f"{what} {value!r}: must be in [0, 1), e.g. 0.5 prunes half")
 
 
+def _damped(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
+    """H with its dead columns cut off and unit diagonal there scaled to the mean, plus lam I."""
+    h = hessian.clone()
+    h[dead, :] = 0
+    h[:, dead] = 0
+    diag = h.diagonal()
+    diag[dead] = mean
+    diag.add_(lam)
+    return h
+
+
 def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(upper Cholesky factor of (H + lambda I)^-1 with lambda = damp * mean diag(H), dead columns): dead
-    columns (zero diagonal: inputs always zero) get a unit diagonal scaled to the mean."""
+    """(upper Cholesky factor of (H + lambda I)^-1 with lambda = damp * mean diag(H), dead
+    columns): dead columns (zero diagonal: inputs always zero) get a unit diagonal scaled to the
+    mean. Temporaries are freed as soon as they are used: H's size, the square of its
+    columns, is what a large layer's memory is made of."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CompressError(f"hessian of shape {tuple(hessian.shape)}: must be square [in, in]; pass H = X^T X")
     if not damp > 0:
         raise CompressError(f"damp {damp!r}: must be > 0, e.g. 0.01 (1% of mean diag(H))")
-    h = hessian.clone()
-    diag = h.diagonal()
+    diag = hessian.diagonal()
     dead = diag <= 0
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
-    diag[dead] = mean
-    h[dead, :] = 0
-    h[:, dead] = 0
-    diag[dead] = mean
     lam = damp * mean
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        factor, info = torch.linalg.cholesky_ex(_damped(hessian, dead, mean, lam))
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
             inverse = torch.cholesky_solve(eye, factor)  # cholesky_inverse is ~25x slower on CPU
-            inverse = (inverse + inverse.T) / 2
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del eye, factor
+            symmetric = inverse + inverse.T
+            del inverse
+            upper, info = torch.linalg.cholesky_ex(symmetric.div_(2), upper=True)
             if int(info) == 0:
                 return upper, dead
         lam *= 10
@@ -342,6 +352,7 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
             t0 = time.perf_counter()
             s = _layer_sparsity(name, sparsity)
             h = moments.mean()
+            moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
             w0 = module.weight.detach().clone()
             if s > 0:
                 pruned, keep_f = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
@@ -356,7 +367,6 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
                 final, index = gptq_quantize(w0, h, codebook, mask=keep, blocksize=blocksize, damp=damp,
                                              act_order=act_order)
             finish(name, block, module, w0, pruned, keep, final, index, h, "obs", t0)
-            moments.sum = moments.sum.new_zeros(0)  # free H as soon as the layer is done
 
     second = [n for n in layers if n not in big]
     calibrate_blocks(model, batches, compress, blocks=blocks, layers=second, dtype=dtype, mode=mode)

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import tempfile
 import zipfile
 from collections.abc import Mapping
 
@@ -41,26 +42,26 @@ def pack(program: torch.export.ExportedProgram) -> bytes:
     """The program's .pt2 archive as load_module() admits it: weight records empty (the .dcz
     holds the weights; tensor constants are kept), no sample inputs, no guards code, node
     metadata cut to module stack and torch function."""
-    buf = io.BytesIO()
-    torch.export.save(program, buf)
-    src = zipfile.ZipFile(buf)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            data, rel = src.read(info), info.filename.partition("/")[2]
-            if rel == MODEL:
-                doc = json.loads(data)
-                doc["guards_code"] = []
-                for node in doc["graph_module"]["graph"]["nodes"]:
-                    node["metadata"] = {k: v for k, v in node["metadata"].items()
-                                        if k in NODE_METADATA}
-                check_program(doc)
-                data = json.dumps(doc, separators=(",", ":")).encode()
-            elif rel.startswith("data/sample_inputs/"):
-                data = b""
-            elif rel.startswith("data/weights/weight_"):
-                data = b""  # torch reads an empty record as zeros of the tensor's size
-            dst.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)
+    with tempfile.TemporaryFile() as buf:  # on disk: the archive holds every weight's bytes
+        torch.export.save(program, buf)
+        buf.seek(0)
+        src = zipfile.ZipFile(buf)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                rel = info.filename.partition("/")[2]
+                # torch reads an empty weight record as zeros of the tensor's size
+                empty = rel.startswith(("data/sample_inputs/", "data/weights/weight_"))
+                data = b"" if empty else src.read(info)
+                if rel == MODEL:
+                    doc = json.loads(data)
+                    doc["guards_code"] = []
+                    for node in doc["graph_module"]["graph"]["nodes"]:
+                        node["metadata"] = {k: v for k, v in node["metadata"].items()
+                                            if k in NODE_METADATA}
+                    check_program(doc)
+                    data = json.dumps(doc, separators=(",", ":")).encode()
+                dst.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)
     _members(zipfile.ZipFile(out), len(out.getvalue()))
     return out.getvalue()
 
