@@ -210,3 +210,21 @@ def test_the_plan_spends_less_on_the_layers_left_when_a_solved_layer_overran(mon
         # b's bytes scaled by took / 200: at 150, b's 200 B point costs 150 B and fits
         assert plan.at["b"] == b and plan.bits["b"] == (4 if b else 2)
     assert [(c.layer, c.coded) for c in plan.choices()] == [("a", 260), ("b", None)]
+
+
+def test_without_distillation_the_original_is_not_copied(trained, task, monkeypatch):
+    import copy
+
+    from deepcompress import calibrated
+
+    model = copy.deepcopy(trained)
+    x = list(task.train[0][:128].split(64))
+
+    def refuse(obj, memo=None):
+        raise AssertionError("the model was copied")
+    monkeypatch.setattr(calibrated.copy, "deepcopy", refuse)
+    _, report = compress_calibrated(model, x, CompressConfig(sparsity=0.5, bits=4, quiet=True))
+    assert report.stages[0].output_error == 0 and report.stages[-1].output_error > 0
+    with pytest.raises(AssertionError, match="copied"):
+        compress_calibrated(model, x,
+                            CompressConfig(sparsity=0.5, bits=4, distill_epochs=1, quiet=True))
