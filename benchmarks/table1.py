@@ -43,8 +43,8 @@ from deepcompress.train import evaluate
 task = load_task("mnist", sys.argv[2])
 path, weights, cls = sys.argv[1], sys.argv[3], sys.argv[4]
 model = deepcompress.load(path) if cls == "-" else deepcompress.load(path, getattr(models, cls)())
-state = deepcompress.load_state_dict(weights)
-assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "not the same weights"
+state, own = deepcompress.load_state_dict(weights), model.state_dict()
+assert all(torch.equal(v, own[k]) for k, v in state.items()), "not the same weights"
 print(json.dumps({"test": evaluate(model, task, "test"), "val": evaluate(model, task, "val")}))
 """
 

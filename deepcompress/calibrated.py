@@ -175,8 +175,6 @@ class RatePlan:
 
     def solved(self, layer: str, weight: torch.Tensor) -> None:
         """Record a solved layer's coded bytes and choose the remaining layers again."""
-        if layer not in self.points:
-            return
         self.coded[layer] = codec.encode_tensor(weight.detach()).nbytes
         left = {n: p for n, p in self.points.items() if n not in self.coded}
         if not left:
@@ -204,15 +202,15 @@ def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,
     return RatePlan(_grid(model, batches, config), dcz.encoded_size(rest) + reserved, target_bytes)
 
 
-def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]], batches: list[Batch],
-           started: float,
-           size: int | None = None) -> Stage:
+def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]] | None,
+           batches: list[Batch], started: float, size: int | None = None) -> Stage:
+    """The stage's figures; reference None: the model is the original (output error 0)."""
     stats = layer_stats(model)
     weights = sum(s.total for s in stats)
     nonzero = sum(s.nonzero for s in stats)
     size = size if size is not None else dcz.encoded_size(model.state_dict())
     return Stage(name, None, None, weights, nonzero, size, time.perf_counter() - started,
-                 _relative(_outputs(model, batches), reference))
+                 _relative(_outputs(model, batches), reference) if reference is not None else 0.0)
 
 
 def _distill(model: nn.Module, teacher: nn.Module, batches: list[Batch],
@@ -241,7 +239,7 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
     # only to distill from (a second copy of the weights)
     teacher = copy.deepcopy(model).eval() if config.distill_epochs else None
     reference = _outputs(model, batches)
-    report.stages.append(_stage("dense", model, reference, batches, t0,
+    report.stages.append(_stage("dense", model, None, batches, t0,
                                 size=_fp32_bytes(model.state_dict())))
     sc = share_config(config, with_task=False)
     t = time.perf_counter()
