@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,6 +133,10 @@ def fit(
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         diverged = True
+                        warnings.warn(f"train {task.name}: the loss became {value} in epoch "
+                                      f"{epoch + 1}; training stopped and the best model so far "
+                                      "was kept; lower the learning rate", RuntimeWarning,
+                                      stacklevel=2)
                         break
                     if config.regulariser is None:
                         loss.backward()
