@@ -152,12 +152,15 @@ class RatePlan:
     """Per-layer (sparsity, bits) for a file size, re-planned as the layer-wise solve goes (a
     rate controller's feedback): after each layer, the layers not yet solved are chosen again
     for the bytes left, their grid bytes scaled by how far the solved layers' coded bytes ran
-    from their plan (the solve codes to other bytes than the grid's stand-in)."""
+    from their plan (the solve codes to other bytes than the grid's stand-in). Every plan aims
+    `headroom` (a fraction) under the target: the layer solved last has none after it to absorb
+    its overrun."""
 
     def __init__(self, points: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
-                 target_bytes: int):
+                 target_bytes: int, headroom: float = 0.01):
         self.points, self.fixed, self.target = points, fixed, target_bytes
-        at = descend(points, fixed, target_bytes)
+        self.aim = int(target_bytes * (1 - headroom))
+        at = descend(points, fixed, self.aim)
         if at is None:
             floor = fixed + sum(p[0][1] for p in points.values())
             raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
@@ -182,7 +185,7 @@ class RatePlan:
         planned = sum(self.points[n][self.at[n]][1] for n in self.coded)
         scale = sum(self.coded.values()) / planned if planned else 1.0
         scaled = {n: [(s, max(1, round(b * scale)), e) for s, b, e in p] for n, p in left.items()}
-        at = descend(scaled, self.fixed + sum(self.coded.values()), self.target)
+        at = descend(scaled, self.fixed + sum(self.coded.values()), self.aim)
         self.at.update(at if at is not None else dict.fromkeys(left, 0))
         self._publish()
 

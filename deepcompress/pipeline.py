@@ -76,6 +76,7 @@ class CompressConfig:
     lr_schedule: str = "cosine"  # or constant
     batch_size: int = 64
     weight_decay: float = 1e-4
+    clip_norm: float | None = None  # with a task: largest gradient norm of a training step
     min_weights: int = 1000  # smaller layers stay dense
     seed: int = 0
     device: str = "cpu"  # with a task or calibration: where training and the layer-wise solves run
@@ -149,6 +150,10 @@ class CompressConfig:
             raise CompressError(f"bias_bits {self.bias_bits!r}: must be 1 to 8, or none")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise CompressError(f"lr {self.lr!r}: must be a positive number, e.g. 0.01")
+        if self.clip_norm is not None and not (isinstance(self.clip_norm, (int, float))
+                                               and self.clip_norm > 0):
+            raise CompressError(f"clip_norm {self.clip_norm!r}: must be a positive number, e.g. "
+                                "1.0, or none")
 
     @property
     def has_target(self) -> bool:
@@ -317,7 +322,8 @@ def _train_config(config: CompressConfig, **changes: object) -> TrainConfig:
                if config.regulariser is not None else None)
     base = TrainConfig(epochs=config.prune_epochs, lr=config.lr, batch_size=config.batch_size,
                        weight_decay=config.weight_decay, seed=config.seed, quiet=config.quiet,
-                       lr_schedule=config.lr_schedule, regulariser=penalty)
+                       lr_schedule=config.lr_schedule, regulariser=penalty,
+                       clip_norm=config.clip_norm)
     return TrainConfig(**{**asdict(base), **changes})
 
 

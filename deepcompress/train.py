@@ -27,6 +27,8 @@ class TrainConfig:
     optimizer: str = "sgd"  # 'sgd' (with momentum) or 'adam'
     lr_schedule: str = "constant"  # 'constant' or 'cosine' (annealed to 0 over the epochs)
     quiet: bool = False
+    # largest gradient norm a step applies (clip_grad_norm_ over all parameters); None: unclipped
+    clip_norm: float | None = None
     # penalty(model) added to every step's loss (deepcompress.regularisers); None trains on the loss alone
     regulariser: Callable[[nn.Module], Tensor] | None = None
 
@@ -38,6 +40,8 @@ class TrainConfig:
         if self.regulariser is not None and not callable(self.regulariser):
             raise CompressError(f"regulariser {self.regulariser!r}: not callable; pass "
                                 "deepcompress.regularisers.make(name) or a function of the model")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise CompressError(f"clip_norm {self.clip_norm!r}: must be > 0, e.g. 1.0, or None")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise CompressError(
                 f"TrainConfig(epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}): "
@@ -110,7 +114,8 @@ def fit(
     shuffle = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trained, config)
         schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
             if config.lr_schedule == "cosine" else None
@@ -135,13 +140,16 @@ def fit(
                         diverged = True
                         warnings.warn(f"train {task.name}: the loss became {value} in epoch "
                                       f"{epoch + 1}; training stopped and the best model so far "
-                                      "was kept; lower the learning rate", RuntimeWarning,
+                                      "was kept; lower the learning rate or set clip_norm",
+                                      RuntimeWarning,
                                       stacklevel=2)
                         break
                     if config.regulariser is None:
                         loss.backward()
                     else:
                         (loss + config.regulariser(model)).backward()
+                    if config.clip_norm is not None:
+                        nn.utils.clip_grad_norm_(trained, config.clip_norm)
                     optimizer.step()
                     total += value * len(y)
                     seen += len(y)

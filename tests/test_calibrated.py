@@ -199,17 +199,20 @@ def test_the_plan_spends_less_on_the_layers_left_when_a_solved_layer_overran(mon
     # two layers, each (setting, bytes, error) on its hull: 100 B at error 1, 200 B at 0.5
     points = {"a": [((0.9, 2), 100, 1.0), ((0.5, 4), 200, 0.5)],
               "b": [((0.9, 2), 100, 0.7), ((0.5, 4), 200, 0.6)]}
-    plan = calibrated.RatePlan(points, fixed=0, target_bytes=300)
+    plan = calibrated.RatePlan(points, fixed=0, target_bytes=300, headroom=0)
     assert plan.at == {"a": 1, "b": 0}  # b's step down costs less error per byte
     assert plan.sparsity == {"a": 0.5, "b": 0.9} and plan.bits == {"a": 4, "b": 2}
     monkeypatch.setattr(calibrated.codec, "encode_tensor",
                         lambda w: type("Encoded", (), {"nbytes": int(w.numel())})())
     for took, b in ((200, 0), (150, 1), (260, 0)):
-        plan = calibrated.RatePlan(points, fixed=0, target_bytes=300)
+        plan = calibrated.RatePlan(points, fixed=0, target_bytes=300, headroom=0)
         plan.solved("a", torch.zeros(took))
         # b's bytes scaled by took / 200: at 150, b's 200 B point costs 150 B and fits
         assert plan.at["b"] == b and plan.bits["b"] == (4 if b else 2)
     assert [(c.layer, c.coded) for c in plan.choices()] == [("a", 260), ("b", None)]
+    # by default the plan aims 1% under: 300 B exactly no longer fits, a steps down too
+    assert calibrated.RatePlan(points, fixed=0, target_bytes=300).at == {"a": 0, "b": 0}
+    assert calibrated.RatePlan(points, fixed=0, target_bytes=304).at == {"a": 1, "b": 0}
 
 
 def test_without_distillation_the_original_is_not_copied(trained, task, monkeypatch):

@@ -157,3 +157,23 @@ def test_training_that_diverges_gives_back_the_model_as_it_came(task):
     worse = fit(model, task, TrainConfig(epochs=1, lr=2.0, quiet=True))
     assert worse[0]["val_metric"] < evaluate(model, task, "val")
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+
+
+def _step_length(task, **clip) -> float:
+    model = fresh()
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    n = task.size("train")  # one step over the whole split, plain SGD
+    fit(model, task, TrainConfig(epochs=1, lr=1.0, momentum=0.0, batch_size=n, quiet=True, **clip),
+        on_epoch_end=lambda _: True)  # the stepped model is kept even if validation got worse
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return float((after - before).norm())
+
+
+def test_clip_norm_bounds_each_step(task):
+    assert _step_length(task) > 0.05
+    assert 0 < _step_length(task, clip_norm=0.01) <= 0.01 * (1 + 1e-5)
+
+
+def test_clip_norm_must_be_positive():
+    with pytest.raises(CompressError, match="clip_norm"):
+        TrainConfig(clip_norm=0.0)
