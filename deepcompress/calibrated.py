@@ -3,8 +3,9 @@
 Layer by layer, block by block (deepcompress.layerwise): prune by OBS saliency with the
 surviving weights compensated, then round onto the layer's H-weighted k-means codebook with GPTQ
 error feedback; tensors outside Linear/Conv layers that the one sharing rule covers (embeddings)
-are shared data-free. Optionally the codebooks are then fine-tuned against the original model's
-outputs (distillation, deepcompress.distill).
+are shared data-free. With distillation (deepcompress.distill: the original model's outputs on
+the calibration inputs as the labels), the paper's retraining: the layers are pruned first, the
+survivors retrained under their masks, then shared, and the codebooks fine-tuned.
 
 With a size target instead of sparsity and bits, each layer's sparsity and bits come from a
 budget: every layer is tried alone at each (sparsity, bits) of a grid, magnitude-pruned and
@@ -44,6 +45,7 @@ from .pipeline import (
 )
 from .prune import layer_stats, sparsity_mask
 from .quantize import share_weights
+from .tasks import Task
 from .train import fit
 
 DISTILL_LR = 1e-3  # Adam's, unless config.finetune_lr says otherwise
@@ -189,6 +191,14 @@ class RatePlan:
         self.at.update(at if at is not None else dict.fromkeys(left, 0))
         self._publish()
 
+    def keep_sparsity(self) -> None:
+        """From now on re-plan only the bits: each layer keeps the sparsity chosen so far (its
+        weights were pruned, and retrained, at it)."""
+        chosen = {n: self.points[n][i][0] for n, i in self.at.items()}
+        self.points = {n: [pt for pt in p if pt[0][0] == chosen[n][0]]
+                       for n, p in self.points.items()}
+        self.at = {n: [pt[0] for pt in self.points[n]].index(chosen[n]) for n in self.at}
+
     def choices(self) -> list[LayerChoice]:
         """Each layer's final settings, planned bytes and error, and coded bytes once solved."""
         return [LayerChoice(n, *self.points[n][i][0], *self.points[n][i][1:],
@@ -216,12 +226,11 @@ def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]] | No
                  _relative(_outputs(model, batches), reference) if reference is not None else 0.0)
 
 
-def _distill(model: nn.Module, teacher: nn.Module, batches: list[Batch],
-             config: CompressConfig) -> None:
-    """Fine-tune on the teacher's outputs with Adam (MSE on raw outputs such as logits has a
-    scale that SGD at the retraining rate diverges on); fit keeps the best validation epoch, or
-    the model as it was if no epoch beats it."""
-    task = distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
+def _retrain(model: nn.Module, task: Task, config: CompressConfig) -> None:
+    """Train on the teacher's outputs with Adam (MSE on raw outputs such as logits has a scale
+    that SGD at the retraining rate diverges on): the survivors of a pruning under its masks, or
+    the codebooks of shared weights; fit keeps the best validation epoch, or the model as it
+    was if no epoch beats it."""
     fit(model, task, _train_config(config, epochs=config.distill_epochs,
                                    lr=config.finetune_lr or DISTILL_LR, optimizer="adam",
                                    weight_decay=0.0))
@@ -231,8 +240,9 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
                         config: CompressConfig | None = None, reserved: int = 0
                         ) -> tuple[nn.Module, Report]:
     """Prune (config.sparsity, per layer) and share (config.bits) model in place from calibration
-    batches, or to config's size target (less `reserved` bytes the file spends elsewhere), then
-    distill for config.distill_epochs; returns the baked model and the report."""
+    batches, or to config's size target (less `reserved` bytes the file spends elsewhere); with
+    config.distill_epochs, retrain on the original's outputs after pruning and after sharing;
+    returns the baked model and the report."""
     config = config or CompressConfig()
     if config.quality is not None:
         raise CompressError("quality: the std rule has no calibrated form; give --sparsity with --calib")
@@ -251,13 +261,22 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
         target = config.target_bytes or int(_fp32_bytes(model.state_dict()) / config.target_ratio)
         plan = plan_layers(model, batches, target, config, reserved)
         sparsity, bits, solved = plan.sparsity, plan.bits, plan.solved
+    task = (distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
+            if teacher is not None else None)
+    if task is not None and sparsity is not None:
+        # the paper's order: prune, retrain the survivors under their masks, then share
+        compress_layerwise(model, batches, sparsity, None, min_weights=0, quiet=config.quiet)
+        _retrain(model, task, config)
+        if config.has_target:
+            plan.keep_sparsity()
+        sparsity = None  # the layers keep their masks' zeros
     results = compress_layerwise(model, batches, sparsity, bits, init=sc.init, min_weights=0,
                                  quiet=config.quiet, on_layer=solved)
     if config.has_target:
         report.budget = plan.choices()
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)
-    if config.distill_epochs:
-        _distill(model, teacher, batches, config)
+    if task is not None:
+        _retrain(model, task, config)  # the codebooks
     bake(model)
     report.stages.append(_stage("shared", model, reference, batches, t))
     by_layer = {f"{r.layer}.weight": r for r in results}

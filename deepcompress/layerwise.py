@@ -28,14 +28,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
+import numpy as np
 import torch
+from scipy.linalg import get_lapack_funcs
 from torch import Tensor, nn
 
 from deepcompress.calibration import Batch, Moments, calibrate_blocks, calibration_layers, columns
 from deepcompress.errors import CompressError
 from deepcompress.kmeans import INITS, cluster_weight
-from deepcompress.parametrize import attach, chain, remove
-from deepcompress.prune import apply_masks, sparsity_mask
+from deepcompress.parametrize import attach, chain, find, remove
+from deepcompress.prune import Mask, apply_masks, sparsity_mask
 from deepcompress.quantize import SharedWeight, bits_for, parse_bits
 
 INSTALLS = ("auto", "plain")
@@ -72,11 +74,38 @@ def _damped(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
     return h
 
 
+def _inverse_upper(h: Tensor) -> Tensor | None:
+    """Upper Cholesky factor of h^-1, computed in h's own memory (None if h is not positive
+    definite): LAPACK's potrf, potri, potrf in place on the CPU (h symmetric, so its C-order
+    array is its Fortran-order one), or torch elsewhere, through temporaries."""
+    if h.device.type == "cpu":
+        a = h.numpy().T  # Fortran-ordered view of the same memory
+        potrf, potri = get_lapack_funcs(("potrf", "potri"), (a,))
+        for step in (potrf, potri, potrf):
+            a, info = step(a, lower=1, overwrite_a=1, clean=1) if step is potrf else step(
+                a, lower=1, overwrite_c=1)
+            if info != 0:
+                return None
+        if not np.shares_memory(a, h.numpy()):  # LAPACK copied after all: take its result
+            return torch.from_numpy(np.ascontiguousarray(a.T))
+        return h  # a holds L' (H^-1 = L' L'^T, upper half zeroed): h, its transpose, is U
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inverse = torch.cholesky_solve(eye, factor)  # cholesky_inverse is ~25x slower on CPU
+    del eye, factor
+    symmetric = inverse + inverse.T
+    del inverse
+    upper, info = torch.linalg.cholesky_ex(symmetric.div_(2), upper=True)
+    return upper if int(info) == 0 else None
+
+
 def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """(upper Cholesky factor of (H + lambda I)^-1 with lambda = damp * mean diag(H), dead
     columns): dead columns (zero diagonal: inputs always zero) get a unit diagonal scaled to the
-    mean. Temporaries are freed as soon as they are used: H's size, the square of its
-    columns, is what a large layer's memory is made of."""
+    mean. One copy of H is made and factored in place: H's size, the square of its columns, is
+    what a large layer's memory is made of."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CompressError(f"hessian of shape {tuple(hessian.shape)}: must be square [in, in]; pass H = X^T X")
     if not damp > 0:
@@ -86,16 +115,9 @@ def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     lam = damp * mean
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(_damped(hessian, dead, mean, lam))
-        if int(info) == 0:
-            eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-            inverse = torch.cholesky_solve(eye, factor)  # cholesky_inverse is ~25x slower on CPU
-            del eye, factor
-            symmetric = inverse + inverse.T
-            del inverse
-            upper, info = torch.linalg.cholesky_ex(symmetric.div_(2), upper=True)
-            if int(info) == 0:
-                return upper, dead
+        upper = _inverse_upper(_damped(hessian, dead, mean, lam))
+        if upper is not None:
+            return upper, dead
         lam *= 10
     raise CompressError("hessian is not positive definite even with 10^6 x the damping; "
                         "accumulate H in float64 or give more calibration inputs")
@@ -104,7 +126,7 @@ def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
 def nearest(values: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest entry of a sorted codebook for each value (ties to the lower entry)."""
     mids = (codebook[1:] + codebook[:-1]) / 2
-    return torch.bucketize(values.contiguous(), mids)
+    return torch.bucketize(values.contiguous(), mids, out_int32=True)
 
 
 def _sweep(weight: Tensor, upper: Tensor, sparsity: float | None, mask: Tensor | None,
@@ -113,7 +135,7 @@ def _sweep(weight: Tensor, upper: Tensor, sparsity: float | None, mask: Tensor |
     w = weight.clone()
     rows, cols = w.shape
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.clone()
-    index = torch.full(w.shape, -1, dtype=torch.int64, device=w.device)
+    index = torch.full(w.shape, -1, dtype=torch.int32, device=w.device)
     pruned = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -290,7 +312,8 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
     {layer pattern: bits} (first match, others at their type's default), or None (prune only).
     The dicts are read as each layer is reached: on_layer(name, final weight), called after each
     layer, may change the settings of the layers still to come. Results are installed as SharedWeight (Mask without bits) parametrizations, or
-    written into the plain weight with install='plain'. Layers with more than max_columns
+    written into the plain weight with install='plain'. A layer not pruned here that already
+    carries a prune.Mask keeps exactly the mask's zeros. Layers with more than max_columns
     flattened inputs fall back to magnitude pruning and nearest-centroid k-means.
     """
     if isinstance(sparsity, dict):
@@ -336,7 +359,10 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
         t0 = time.perf_counter()
         s = _layer_sparsity(name, sparsity)
         w0 = module.weight.detach().clone()
-        keep = sparsity_mask(w0, s).bool() if s > 0 else torch.ones_like(w0, dtype=torch.bool)
+        mask = find(module, "weight", Mask)
+        keep = (sparsity_mask(w0, s).bool() if s > 0
+                else mask.mask.detach().reshape(w0.shape) != 0 if mask is not None
+                else torch.ones_like(w0, dtype=torch.bool))
         pruned = torch.where(keep, w0, 0.0)
         final, index = pruned, None
         if rules is not None:
@@ -354,9 +380,12 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
             h = moments.mean()
             moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
             w0 = module.weight.detach().clone()
+            mask = find(module, "weight", Mask)
             if s > 0:
                 pruned, keep_f = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
                 keep = keep_f.bool()
+            elif mask is not None:  # pruned before (and retrained under the mask): kept as it is
+                pruned, keep = w0, mask.mask.detach().reshape(w0.shape) != 0
             else:
                 pruned, keep = w0, torch.ones_like(w0, dtype=torch.bool)
             final, index = pruned, None

@@ -231,3 +231,40 @@ def test_without_distillation_the_original_is_not_copied(trained, task, monkeypa
     with pytest.raises(AssertionError, match="copied"):
         compress_calibrated(model, x,
                             CompressConfig(sparsity=0.5, bits=4, distill_epochs=1, quiet=True))
+
+
+def test_distillation_retrains_the_survivors_before_sharing_then_the_codebooks(trained, task, monkeypatch):
+    import copy
+
+    from deepcompress import calibrated
+    from deepcompress.parametrize import chain
+    from deepcompress.prune import Mask
+    from deepcompress.quantize import SharedWeight
+
+    seen, retrain = [], calibrated._retrain
+
+    def spy(model, t, config):
+        kinds = {type(p) for m in model.modules() for p in chain(m, "weight")}
+        seen.append("shared" if SharedWeight in kinds else "masked" if Mask in kinds else "dense")
+        before = copy.deepcopy(model.state_dict())
+        retrain(model, t, config)
+        seen.append(any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()))
+    monkeypatch.setattr(calibrated, "_retrain", spy)
+    model = copy.deepcopy(trained)
+    x = list(task.train[0][:256].split(64))
+    compress_calibrated(model, x, CompressConfig(sparsity=0.9, bits=3, distill_epochs=3, quiet=True))
+    assert seen == ["masked", True, "shared", True]
+    w = model.fc1.weight
+    assert int((w == 0).sum()) == round(0.9 * w.numel()) and len(torch.unique(w[w != 0])) <= 8
+
+
+def test_the_plan_keeps_its_sparsities_once_the_layers_are_pruned():
+    from deepcompress import calibrated
+
+    points = {"a": [((0.9, 2), 100, 1.0), ((0.9, 4), 150, 0.8), ((0.5, 4), 200, 0.5)],
+              "b": [((0.9, 2), 100, 0.7), ((0.5, 2), 150, 0.65), ((0.5, 4), 200, 0.6)]}
+    plan = calibrated.RatePlan(points, fixed=0, target_bytes=400, headroom=0)
+    assert plan.at == {"a": 2, "b": 2}
+    plan.keep_sparsity()
+    assert plan.points["a"] == [points["a"][2]] and plan.points["b"] == points["b"][1:]
+    assert plan.at == {"a": 0, "b": 1} and plan.sparsity == {"a": 0.5, "b": 0.5}

@@ -205,3 +205,13 @@ def test_compress_with_a_structured_criterion_and_a_regulariser(trained, tmp_pat
     r = run("compress", tmp / "model.pt", "-o", tmp_path / "o.dcz", "--task", "digits",
             "--regulariser", "nope")
     assert r.exit_code == 2
+
+
+def test_the_command_maps_large_allocations_on_glibc():
+    import platform
+    import sys
+
+    from deepcompress.cli.main import map_large_allocations
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert map_large_allocations() is glibc

@@ -165,3 +165,42 @@ def test_prune_only_plain_install_and_bad_settings() -> None:
                    {"blocksize": 0}):
         with pytest.raises(CompressError):
             compress_layerwise(model, batches, **kwargs)
+
+
+@pytest.mark.parametrize("max_columns", [16384, 12])  # the second-order path, the data-free one
+def test_a_masked_layer_keeps_exactly_its_zeros_when_shared_later(max_columns: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(18, 12), nn.ReLU(), nn.Linear(12, 4))
+    batches = [torch.randn(40, 18)]
+    compress_layerwise(model, batches, sparsity=0.5, bits=None)  # Masks, as before retraining
+    zeros = {name: model[i].weight.detach() == 0 for i, name in ((0, "0"), (2, "2"))}
+    with torch.no_grad():  # retraining moves the survivors (the mask keeps the rest at 0)
+        for i in (0, 2):
+            model[i].parametrizations.weight.original.add_(0.05)
+    compress_layerwise(model, batches, sparsity=None, bits=3, max_columns=max_columns)
+    for i, name in ((0, "0"), (2, "2")):
+        w = model[i].weight.detach()
+        assert torch.equal(w == 0, zeros[name]), name
+        assert torch.unique(w[w != 0]).numel() <= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(dtype) -> None:
+    from deepcompress.layerwise import inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g, dtype=dtype)
+    x[:, 7] = 0  # an input that is always zero: a dead column
+    h = x.T @ x / 300
+    kept = h.clone()
+    upper, dead = inverse_cholesky(h, damp=0.01)
+    assert torch.equal(h, kept)  # factored in a copy: H itself untouched
+    assert dead.tolist() == [i == 7 for i in range(40)]
+    assert torch.equal(upper, upper.triu()) and upper.dtype == dtype
+    mean = float(h.diagonal()[~dead].mean())
+    damped = h.double().clone()
+    damped[7, 7] = mean
+    damped += 0.01 * mean * torch.eye(40, dtype=torch.float64)
+    want = torch.linalg.inv(damped)
+    got = upper.double().T @ upper.double()
+    assert float((got - want).abs().max() / want.abs().max()) < (1e-12 if dtype == torch.float64 else 1e-5)
