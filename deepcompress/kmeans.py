@@ -360,17 +360,29 @@ def kmeans1d(
     return KMeansResult(c, lab, sse, it, conv, dropped, exact)
 
 
+def _codebook(nonzeros: np.ndarray, k: int, init: str, iters: int, seed: int) -> tuple[_Sorted, np.ndarray]:
+    _validate(k, init, iters)
+    d = _sorted(nonzeros)
+    return d, _fit(d, int(k), init, iters, seed)[0]
+
+
+def fit_centroids(weight: Tensor, k: int, init: str = "linear", iters: int = 30, seed: int = 0) -> Tensor:
+    """The codebook cluster_weight would give, without labelling every weight (weight's dtype)."""
+    flat = _as_numpy(weight)
+    c = _codebook(flat[flat != 0], k, init, iters, seed)[1]
+    return torch.from_numpy(c).to(weight.device,
+                                  weight.dtype if weight.is_floating_point() else torch.float32)
+
+
 def cluster_weight(
     weight: Tensor, k: int, init: str = "linear", iters: int = 30, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Cluster the nonzeros of weight: (codebook in weight's dtype, int16 index of weight's shape, -1 at zeros)."""
-    _validate(k, init, iters)
     if k > 1 << 15:
         raise CompressError(f"k-means: k={k} does not fit an int16 index; use k <= 32768")
     flat = _as_numpy(weight)
     nonzero = flat != 0
-    d = _sorted(flat[nonzero])
-    c = _fit(d, int(k), init, iters, seed)[0]
+    d, c = _codebook(flat[nonzero], k, init, iters, seed)
     if c.size == 0:
         index = np.full(flat.size, -1, dtype=np.int16)
     else:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from deepcompress.calibration import Batch, Moments, calibrate_blocks, calibration_layers, columns
 from deepcompress.errors import CompressError
-from deepcompress.kmeans import INITS, cluster_weight
+from deepcompress.kmeans import INITS, fit_centroids
 from deepcompress.parametrize import attach, chain, find, remove
 from deepcompress.prune import Mask, apply_masks, sparsity_mask
 from deepcompress.quantize import SharedWeight, bits_for, parse_bits
@@ -131,8 +131,9 @@ def nearest(values: Tensor, codebook: Tensor) -> Tensor:
 
 def _sweep(weight: Tensor, upper: Tensor, sparsity: float | None, mask: Tensor | None,
            codebook: Tensor | None, blocksize: int, dead: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """One left-to-right pass over column blocks with error feedback; (weight, kept mask, index)."""
-    w = weight.clone()
+    """One left-to-right pass over column blocks with error feedback, in weight's own memory
+    (the caller's copy); (weight, kept mask, index)."""
+    w = weight
     rows, cols = w.shape
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.clone()
     index = torch.full(w.shape, -1, dtype=torch.int32, device=w.device)
@@ -174,12 +175,14 @@ def _sweep(weight: Tensor, upper: Tensor, sparsity: float | None, mask: Tensor |
 
 
 def _matrix(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """(a copy of weight as [rows, columns] in H's precision, H)."""
     w = weight.detach().reshape(weight.shape[0], -1)
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise CompressError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with "
                             f"{w.shape[1]} columns; collect H for this layer")
     dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
-    return w.to(dtype), hessian.to(dtype)
+    copy = w.to(dtype)
+    return copy.clone() if copy.data_ptr() == weight.data_ptr() else copy, hessian.to(dtype)
 
 
 def _order(hessian: Tensor, act_order: bool) -> Tensor | None:
@@ -230,14 +233,13 @@ def fit_codebook(weight: Tensor, k: int, *, importance: Tensor | None = None, in
     """Sorted codebook of at most k values for the nonzeros of weight: k-means, then Lloyd steps weighted by importance (weight's shape)."""
     if init not in INITS:
         raise CompressError(f"k-means init {init!r}: unknown; use one of {', '.join(INITS)}")
-    start, _ = cluster_weight(weight.detach(), k, init, 30, seed)
-    c = start.to(torch.float64).sort().values
+    c = fit_centroids(weight.detach(), k, init, 30, seed).to(torch.float64).sort().values
     if importance is None or c.numel() <= 1 or iters <= 0:
         return c.to(weight.dtype)
-    values = weight.detach().reshape(-1).to(torch.float64)
-    weights = importance.detach().expand_as(weight).reshape(-1).to(torch.float64)
-    nz = values != 0
-    values, weights = values[nz], weights[nz]
+    flat = weight.detach().reshape(-1)
+    nz = flat != 0
+    values = flat[nz].to(torch.float64)
+    weights = importance.detach().expand_as(weight).reshape(-1)[nz].to(torch.float64)
     weights = weights.clamp_min(0) + 1e-12 * float(weights.abs().mean().clamp_min(1e-30))
     for _ in range(iters):
         idx = nearest(values, c)
@@ -250,13 +252,18 @@ def fit_codebook(weight: Tensor, k: int, *, importance: Tensor | None = None, in
     return torch.unique(c.to(weight.dtype))
 
 
-def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
-    """Relative output error ||W X - W' X||^2 / ||W X||^2 from H = X^T X (bias excluded); 0 when both are 0."""
-    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-    d = w - approx.detach().reshape(w.shape).to(torch.float64)
+def output_error(weight: Tensor, approx: Tensor, hessian: Tensor, rows: int = 256) -> float:
+    """Relative output error ||W X - W' X||^2 / ||W X||^2 from H = X^T X (bias excluded); 0 when both are 0.
+    In float64, `rows` rows at a time (a whole layer in float64 is twice its own size, times four)."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    a = approx.detach().reshape(w.shape)
     h = hessian.to(torch.float64)
-    num = float(((d @ h) * d).sum())
-    den = float(((w @ h) * w).sum())
+    num = den = 0.0
+    for i in range(0, w.shape[0], rows):
+        wi = w[i:i + rows].to(torch.float64)
+        di = wi - a[i:i + rows].to(torch.float64)
+        num += float(((di @ h) * di).sum())
+        den += float(((wi @ h) * wi).sum())
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
@@ -290,12 +297,15 @@ def _install(model: nn.Module, name: str, module: nn.Module, weight: Tensor, ind
         if install == "auto":
             apply_masks(model, {name: keep.reshape(module.weight.shape).to(module.weight.dtype)})
         return 0
-    used, compact = torch.unique(index[index >= 0], return_inverse=True)
-    index = index.clone()
-    index[index >= 0] = compact.to(index.dtype)
-    if install == "auto" and used.numel():
-        attach(module, "weight", SharedWeight(index.reshape(module.weight.shape), used.numel()), unsafe=True)
-    return int(used.numel())
+    flat = index.reshape(-1)
+    counts = torch.bincount(flat[flat >= 0])
+    used = int((counts > 0).sum())
+    # the clusters used, renumbered 0..used-1 in order (a lookup over index + 1, -1 staying -1)
+    lut = torch.cat((flat.new_full((1,), -1), (counts > 0).cumsum(0).to(flat.dtype) - 1))
+    index = torch.index_select(lut, 0, flat + 1).reshape(module.weight.shape)
+    if install == "auto" and used:
+        attach(module, "weight", SharedWeight(index, used), unsafe=True)
+    return used
 
 
 def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], sparsity: float | dict[str, float] | None = 0.5,
@@ -338,16 +348,13 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
     layers = _selected(model, include, exclude, min_weights)
     results: list[LayerResult] = []
 
-    def finish(name: str, block: str, module: nn.Module, w0: Tensor, pruned: Tensor, keep: Tensor,
-               final: Tensor, index: Tensor | None, h: Tensor | None, method: str, t0: float) -> None:
+    def finish(name: str, block: str, module: nn.Module, n: int, errors: tuple[float, float],
+               keep: Tensor, final: Tensor, index: Tensor | None, method: str, t0: float) -> None:
         clusters = _install(model, name, module, final, index, keep, install)
         if on_layer is not None:
             on_layer(name, final)
         zeros = int((final == 0).sum())
-        nan = math.nan
-        results.append(LayerResult(name, block, w0.numel(), zeros / max(w0.numel(), 1), clusters,
-                                   output_error(w0, pruned, h) if h is not None else nan,
-                                   output_error(w0, final, h) if h is not None else nan,
+        results.append(LayerResult(name, block, n, zeros / max(n, 1), clusters, *errors,
                                    method, time.perf_counter() - t0))
         if not quiet:
             r = results[-1]
@@ -371,31 +378,38 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
             idx = nearest(pruned.reshape(-1).to(torch.float64), codebook).reshape(w0.shape)
             final = torch.where(keep, codebook[idx], 0.0).to(w0.dtype) + 0.0
             index = torch.where(final == 0, -1, idx).to(torch.int32)
-        finish(name, "", module, w0, pruned, keep, final, index, None, "magnitude", t0)
+        finish(name, "", module, w0.numel(), (math.nan, math.nan), keep, final, index, "magnitude", t0)
+
+    def solve(block: str, name: str, module: nn.Module, moments: Moments) -> None:
+        # a function, so that one layer's matrices are freed before the next layer's solve
+        t0 = time.perf_counter()
+        s = _layer_sparsity(name, sparsity)
+        h = moments.mean()
+        moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
+        w0 = module.weight.detach()  # no copy: nothing writes it before _install
+        mask = find(module, "weight", Mask)
+        if s > 0:
+            pruned, keep = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
+            keep = keep.bool()
+        elif mask is not None:  # pruned before (and retrained under the mask): kept as it is
+            pruned, keep = w0, mask.mask.detach().reshape(w0.shape) != 0
+        else:
+            pruned, keep = w0, torch.ones_like(w0, dtype=torch.bool)
+        prune_error = output_error(w0, pruned, h)
+        final, index = pruned, None
+        if rules is not None:
+            k = 1 << layer_bits(name, module)
+            importance = h.diagonal().reshape(1, -1) if weighted else None
+            codebook = fit_codebook(pruned.reshape(pruned.shape[0], -1), k, importance=importance, init=init)
+            del pruned, final
+            final, index = gptq_quantize(w0, h, codebook, mask=keep, blocksize=blocksize, damp=damp,
+                                         act_order=act_order)
+        errors = (prune_error, output_error(w0, final, h))  # before _install overwrites w0
+        finish(name, block, module, w0.numel(), errors, keep, final, index, "obs", t0)
 
     def compress(block: str, found: dict[str, tuple[nn.Module, Moments]]) -> None:
         for name, (module, moments) in found.items():
-            t0 = time.perf_counter()
-            s = _layer_sparsity(name, sparsity)
-            h = moments.mean()
-            moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
-            w0 = module.weight.detach().clone()
-            mask = find(module, "weight", Mask)
-            if s > 0:
-                pruned, keep_f = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
-                keep = keep_f.bool()
-            elif mask is not None:  # pruned before (and retrained under the mask): kept as it is
-                pruned, keep = w0, mask.mask.detach().reshape(w0.shape) != 0
-            else:
-                pruned, keep = w0, torch.ones_like(w0, dtype=torch.bool)
-            final, index = pruned, None
-            if rules is not None:
-                k = 1 << layer_bits(name, module)
-                importance = h.diagonal().reshape(1, -1) if weighted else None
-                codebook = fit_codebook(pruned.reshape(pruned.shape[0], -1), k, importance=importance, init=init)
-                final, index = gptq_quantize(w0, h, codebook, mask=keep, blocksize=blocksize, damp=damp,
-                                             act_order=act_order)
-            finish(name, block, module, w0, pruned, keep, final, index, h, "obs", t0)
+            solve(block, name, module, moments)
 
     second = [n for n in layers if n not in big]
     calibrate_blocks(model, batches, compress, blocks=blocks, layers=second, dtype=dtype, mode=mode)

@@ -90,13 +90,13 @@ class SharedWeight(nn.Module):
     def forward(self, codebook: Tensor) -> Tensor:
         """Dense weight: the codebook value of each entry, exactly 0 at structural zeros."""
         table = torch.cat((codebook.new_zeros(1), codebook))
-        return table[self.index.long() + 1]
+        # index_select takes the int32 index as it is (indexing with [] widens it to int64 first)
+        return torch.index_select(table, 0, (self.index + 1).reshape(-1)).reshape(self.index.shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Codebook: mean of weight over each cluster (float64 sums, so equal members give their value exactly)."""
-        idx = self.index.reshape(-1).long()
-        keep = idx >= 0
-        idx = idx[keep]
+        keep = self.index.reshape(-1) >= 0
+        idx = self.index.reshape(-1)[keep]
         vals = weight.detach().reshape(-1)[keep].double()
         sums = torch.zeros(self.n_clusters, dtype=torch.float64,
                            device=weight.device).index_add_(0, idx, vals)
