@@ -177,3 +177,13 @@ def test_cluster_weight_all_zero_and_few_values() -> None:
     codebook, index = cluster_weight(w, 4)
     assert codebook.tolist() == [-0.5, 0.25, 0.5]
     assert index.tolist() == [[-1, 2, 0], [2, -1, 1]]
+
+
+@pytest.mark.parametrize("init", ["linear", "density", "random", "kmeans++", "optimal"])
+def test_fit_centroids_is_cluster_weights_codebook(init):
+    from deepcompress.kmeans import fit_centroids
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 30, generator=g)
+    w[w.abs() < 0.5] = 0
+    assert torch.equal(fit_centroids(w, 16, init, 30, 1), cluster_weight(w, 16, init, 30, 1)[0])
