@@ -52,8 +52,10 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--device", help="With a task or --calib: where retraining and the layer-wise "
               "solves run (cpu, cuda, cuda:N; default cpu). The file is the same either way "
               "up to floating-point rounding. Example: --device cuda")
-@click.option("--distill-epochs", type=int, help="With --calib: fine-tune the codebooks this many "
-              "epochs on the original model's outputs (tensor inputs only). Example: --distill-epochs 10")
+@click.option("--distill-epochs", type=int, help="With --calib: retrain this many epochs on the "
+              "original model's outputs (tensor inputs only), twice: the surviving weights "
+              "after pruning, under their masks, then the codebooks after sharing; a second "
+              "layer-wise pass. Example: --distill-epochs 10")
 @click.option("--example-input", help="Without a task or --calib: a file of inputs (as --calib) "
               "to export the architecture with --arch into the .dcz, so load() runs it. "
               "Example: --example-input x.npy")

@@ -58,7 +58,8 @@ class CompressConfig:
     agp_initial: float = 0.5  # agp: sparsity at the start
     agp_steps: int | None = None  # agp: epochs over which sparsity rises (None: 40% of them)
     finetune_epochs: int = 4  # centroid fine-tuning epochs
-    distill_epochs: int = 0  # with calibration inputs: codebook fine-tuning on the original's outputs
+    distill_epochs: int = 0  # with calibration inputs: retraining on the original's outputs
+    # (the survivors after pruning, then the codebooks after sharing)
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
     channels: float | None = None  # with a task, first: remove this fraction of every hidden
     channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
