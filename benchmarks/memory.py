@@ -9,11 +9,11 @@ width), saved as a state dict (.pt); calibration inputs are random normal rows. 
 `deepcompress.compress_file` (what `dcompress compress MODEL --arch ... --calib ...` runs) with
 --sparsity 0.5 --bits 4, in a fresh process whose resident memory is sampled every 5 ms from
 /proc/self/status: RssAnon (the process's own memory) and VmRSS (with the pages of files it
-maps, which the kernel can drop), with the allocator setting that the dcompress command makes
-(cli.main.map_large_allocations: glibc maps blocks of 1 MiB and more on their own). Figures
-are peaks above the process's memory just before compress_file (after a tiny warm-up run, so
-that the libraries it loads on first use are not counted), against the bound computed from the
-model's sizes. Linux only; one thread.
+maps, which the kernel can drop), with the allocator setting that `dcompress compress --calib`
+makes (cli.allocator.map_large_allocations: glibc maps blocks of 1 MiB and more on their own).
+Figures are peaks above the process's memory just before compress_file (after a tiny warm-up
+run, so that the libraries it loads on first use are not counted), against the bound computed
+from the model's sizes. Linux only; one thread.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import json, sys, threading, time, resource
 import torch
 torch.set_num_threads(1)
 import deepcompress
-from deepcompress.cli.main import map_large_allocations
-mapped = map_large_allocations()  # what the dcompress command sets before any work
+from deepcompress.cli.allocator import map_large_allocations
+mapped = map_large_allocations()  # what dcompress compress --calib sets before any work
 sys.path.insert(0, sys.argv[5])
 from memory import blocks
 

@@ -23,6 +23,8 @@ from deepcompress.pipeline import CompressConfig, load_config, parse_sparsity, r
 from deepcompress.tasks import load_task
 from deepcompress.train import evaluate as task_metric
 
+from .allocator import map_large_allocations
+
 
 def check_output(out: str, force: bool) -> Path:
     """The output path, refused if it exists (without --force) or its folder does not."""
@@ -171,6 +173,8 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)
     the_task = load_task(task, data_dir) if task else None
+    if calib:
+        map_large_allocations()
     report = compress_file(input_path, out, config, the_task, arch=arch,
                            unsafe_pickle=unsafe_pickle, architecture=not no_arch,
                            metadata={"task": task}, calib=calib, example_input=example_input)

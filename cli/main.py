@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import click
 
 from deepcompress import __version__
@@ -21,20 +18,6 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     return " ".join(str(exc).split())
-
-
-def map_large_allocations(threshold: int = 1 << 20) -> bool:
-    """On glibc, serve allocations of `threshold` bytes and more from mappings of their own,
-    unmapped when freed; return whether it was set. By default glibc raises that threshold to
-    the size of each large block freed, after which a layer-wise solve's freed matrices stay in
-    the heap: resident memory grew by hundreds of MiB over a 64 MiB model. A process-wide
-    setting, so the command sets it, not the library."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # another C library (musl)
-        return False
 
 
 class _Group(click.Group):
@@ -66,7 +49,6 @@ def main(debug: bool) -> None:
       dcompress inspect model.dcz
       python -c "import deepcompress; m = deepcompress.load('model.dcz')"
     """
-    map_large_allocations()
 
 
 main.add_command(compress)

@@ -22,7 +22,7 @@ import copy
 import glob
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -163,6 +163,9 @@ class RatePlan:
         self.points, self.fixed, self.target = points, fixed, target_bytes
         self.aim = int(target_bytes * (1 - headroom))
         at = descend(points, fixed, self.aim)
+        if at is None:  # no room for the headroom: aim at the target itself
+            self.aim = target_bytes
+            at = descend(points, fixed, self.aim)
         if at is None:
             floor = fixed + sum(p[0][1] for p in points.values())
             raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
@@ -226,6 +229,11 @@ def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]] | No
                  _relative(_outputs(model, batches), reference) if reference is not None else 0.0)
 
 
+def _prunes(sparsity: float | dict[str, float] | None) -> bool:
+    values = sparsity.values() if isinstance(sparsity, dict) else [sparsity or 0.0]
+    return any(v > 0 for v in values)
+
+
 def _retrain(model: nn.Module, task: Task, config: CompressConfig) -> None:
     """Train on the teacher's outputs with Adam (MSE on raw outputs such as logits has a scale
     that SGD at the retraining rate diverges on): the survivors of a pruning under its masks, or
@@ -263,15 +271,21 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
         sparsity, bits, solved = plan.sparsity, plan.bits, plan.solved
     task = (distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
             if teacher is not None else None)
-    if task is not None and sparsity is not None:
+    pruning = []
+    if task is not None and _prunes(sparsity):
         # the paper's order: prune, retrain the survivors under their masks, then share
-        compress_layerwise(model, batches, sparsity, None, min_weights=0, quiet=config.quiet)
+        pruning = compress_layerwise(model, batches, sparsity, None, min_weights=0,
+                                     quiet=config.quiet)
         _retrain(model, task, config)
         if config.has_target:
             plan.keep_sparsity()
         sparsity = None  # the layers keep their masks' zeros
     results = compress_layerwise(model, batches, sparsity, bits, init=sc.init, min_weights=0,
                                  quiet=config.quiet, on_layer=solved)
+    if pruning:  # each layer's pruning error from the pass that pruned it (the sharing pass's
+        # error is then against the retrained weights it was given)
+        pruned_by = {r.layer: r.prune_error for r in pruning}
+        results = [replace(r, prune_error=pruned_by.get(r.layer, r.prune_error)) for r in results]
     if config.has_target:
         report.budget = plan.choices()
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)

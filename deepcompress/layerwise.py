@@ -110,6 +110,7 @@ def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
         raise CompressError(f"hessian of shape {tuple(hessian.shape)}: must be square [in, in]; pass H = X^T X")
     if not damp > 0:
         raise CompressError(f"damp {damp!r}: must be > 0, e.g. 0.01 (1% of mean diag(H))")
+    hessian = hessian.detach()
     diag = hessian.diagonal()
     dead = diag <= 0
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0

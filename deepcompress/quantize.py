@@ -90,7 +90,9 @@ class SharedWeight(nn.Module):
     def forward(self, codebook: Tensor) -> Tensor:
         """Dense weight: the codebook value of each entry, exactly 0 at structural zeros."""
         table = torch.cat((codebook.new_zeros(1), codebook))
-        # index_select takes the int32 index as it is (indexing with [] widens it to int64 first)
+        if torch.is_grad_enabled() and codebook.requires_grad:  # training: the gradient as it
+            return table[self.index.long() + 1]  # always was (index_select's sums differently)
+        # index_select takes the int32 index as it is ([] widens it to int64 first)
         return torch.index_select(table, 0, (self.index + 1).reshape(-1)).reshape(self.index.shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:

@@ -207,11 +207,13 @@ def test_compress_with_a_structured_criterion_and_a_regulariser(trained, tmp_pat
     assert r.exit_code == 2
 
 
-def test_the_command_maps_large_allocations_on_glibc():
+def test_the_command_maps_large_allocations_on_glibc(monkeypatch):
     import platform
     import sys
 
-    from deepcompress.cli.main import map_large_allocations
+    from deepcompress.cli.allocator import map_large_allocations
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert map_large_allocations() is glibc
+    assert map_large_allocations() is glibc  # the threshold is the one --calib runs set anyway
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert map_large_allocations() is False  # the user's own setting is left alone

@@ -194,7 +194,7 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(dtype) -> No
     h = x.T @ x / 300
     kept = h.clone()
     upper, dead = inverse_cholesky(h, damp=0.01)
-    assert torch.equal(h, kept)  # factored in a copy: H itself untouched
+    assert torch.equal(h, kept)  # H itself untouched
     assert dead.tolist() == [i == 7 for i in range(40)]
     assert torch.equal(upper, upper.triu()) and upper.dtype == dtype
     mean = float(h.diagonal()[~dead].mean())
@@ -204,3 +204,19 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(dtype) -> No
     want = torch.linalg.inv(damped)
     got = upper.double().T @ upper.double()
     assert float((got - want).abs().max() / want.abs().max()) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_the_inverse_factor_is_computed_in_the_matrix_given() -> None:
+    from deepcompress.layerwise import _inverse_upper
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 30, generator=g, dtype=torch.float64)
+    h = x.T @ x / 200 + 0.01 * torch.eye(30, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    mine = h.clone()
+    upper = _inverse_upper(mine)
+    assert upper.data_ptr() == mine.data_ptr()  # in place: no second matrix of H's size
+    assert torch.allclose(upper, want, rtol=1e-10, atol=1e-12)
+    strided = h.clone().T  # Fortran-ordered in memory: LAPACK works on a copy, same factor
+    assert torch.allclose(_inverse_upper(strided), want, rtol=1e-10, atol=1e-12)
+    assert _inverse_upper(-h.clone()) is None  # not positive definite
