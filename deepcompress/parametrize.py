@@ -71,10 +71,12 @@ def remove(module: nn.Module, name: str) -> Tensor:
 
 def bake(model: nn.Module) -> nn.Module:
     """Remove every parametrization of model in place (see `remove`), leaving plain tensors; return model."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                remove(module, name)
+    # the owners only: a list of every module would keep each removed parametrization (a
+    # shared layer's index, the size of its weight) alive until the last one is removed
+    owners = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    for module in owners:
+        for name in list(module.parametrizations):
+            remove(module, name)
     return model
 
 
