@@ -140,3 +140,26 @@ def test_state_dict_round_trips_after_work_on_copies(pruned, x):
     prune(other, PruneConfig(sparsity=0.3))
     nn.ModuleDict({"module": other}).load_state_dict(wrapped.state_dict())
     assert torch.equal(other(x), expected)
+
+
+def test_bake_frees_each_parametrization_as_it_goes(monkeypatch):
+    import weakref
+
+    from deepcompress import parametrize as P
+    from deepcompress.quantize import SharedWeight
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    refs = []
+    for layer in (model[0], model[2]):
+        P.attach(layer, "weight", SharedWeight(torch.randint(-1, 3, (4, 4), dtype=torch.int32), 3),
+                 unsafe=True)
+        refs.append(weakref.ref(layer.parametrizations.weight[0]))
+    seen, real = [], P.remove
+
+    def spy(module, name):
+        seen.append([r() is None for r in refs])
+        return real(module, name)
+    monkeypatch.setattr(P, "remove", spy)
+    P.bake(model)
+    assert seen == [[False, False], [True, False]]  # the first index is gone before the second
+    assert all(r() is None for r in refs)
