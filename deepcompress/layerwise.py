@@ -28,9 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
-import numpy as np
 import torch
-from scipy.linalg import get_lapack_funcs
 from torch import Tensor, nn
 
 from deepcompress.calibration import Batch, Moments, calibrate_blocks, calibration_layers, columns
@@ -75,24 +73,14 @@ def _damped(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
 
 
 def _inverse_upper(h: Tensor) -> Tensor | None:
-    """Upper Cholesky factor of h^-1, computed in h's own memory (None if h is not positive
-    definite): LAPACK's potrf, potri, potrf in place on the CPU (h symmetric, so its C-order
-    array is its Fortran-order one), or torch elsewhere, through temporaries."""
-    if h.device.type == "cpu":
-        a = h.numpy().T  # Fortran-ordered view of the same memory
-        potrf, potri = get_lapack_funcs(("potrf", "potri"), (a,))
-        for step in (potrf, potri, potrf):
-            a, info = step(a, lower=1, overwrite_a=1, clean=1) if step is potrf else step(
-                a, lower=1, overwrite_c=1)
-            if info != 0:
-                return None
-        if not np.shares_memory(a, h.numpy()):  # LAPACK copied after all: take its result
-            return torch.from_numpy(np.ascontiguousarray(a.T))
-        return h  # a holds L' (H^-1 = L' L'^T, upper half zeroed): h, its transpose, is U
+    """Upper Cholesky factor of h^-1 (None if h is not positive definite); temporaries are freed
+    as soon as they are used. (LAPACK in place through scipy took one copy of H instead of four,
+    but its OpenBLAS crashed with a segfault on CREPE's layers: not used until that is known.)"""
     factor, info = torch.linalg.cholesky_ex(h)
+    del h
     if int(info) != 0:
         return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
     inverse = torch.cholesky_solve(eye, factor)  # cholesky_inverse is ~25x slower on CPU
     del eye, factor
     symmetric = inverse + inverse.T
@@ -104,8 +92,8 @@ def _inverse_upper(h: Tensor) -> Tensor | None:
 def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """(upper Cholesky factor of (H + lambda I)^-1 with lambda = damp * mean diag(H), dead
     columns): dead columns (zero diagonal: inputs always zero) get a unit diagonal scaled to the
-    mean. One copy of H is made and factored in place: H's size, the square of its columns, is
-    what a large layer's memory is made of."""
+    mean. Temporaries are freed as soon as they are used: H's size, the square of its columns,
+    is what a large layer's memory is made of."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CompressError(f"hessian of shape {tuple(hessian.shape)}: must be square [in, in]; pass H = X^T X")
     if not damp > 0:
