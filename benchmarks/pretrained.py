@@ -63,6 +63,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "layer-wise --bits 3 --sparsity 0.85 --distill-epochs 2":
         ("calib", {"bits": "3", "sparsity": 0.85, "distill_epochs": 2}),
     "layer-wise --target-ratio 30": ("calib", {"target_ratio": 30.0}),
+    "layer-wise --target-ratio 60 --distill-epochs 8":
+        ("calib", {"target_ratio": 60.0, "distill_epochs": 8}),
 }
 QUICK = ("int8 per channel + zstd-19", "data-free default", "data-free --target-ratio 20")
 FLAGS = {"bits": "--bits", "sparsity": "--sparsity", "target_ratio": "--target-ratio",
