@@ -275,6 +275,15 @@ def _selected(model: nn.Module, include: Sequence[str], exclude: Sequence[str], 
             and m.weight.numel() >= min_weights}
 
 
+def _kept(module: nn.Module, weight: Tensor) -> Tensor:
+    """The weights a layer not pruned here keeps: its prune.Mask's (pruned before, and retrained
+    under it), else all."""
+    mask = find(module, "weight", Mask)
+    if mask is None:
+        return torch.ones_like(weight, dtype=torch.bool)
+    return mask.mask.detach().reshape(weight.shape) != 0
+
+
 def _install(model: nn.Module, name: str, module: nn.Module, weight: Tensor, index: Tensor | None,
              keep: Tensor, install: str) -> int:
     """Write weight into module (replacing its parametrizations); attach SharedWeight or Mask; return clusters."""
@@ -355,10 +364,7 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
         t0 = time.perf_counter()
         s = _layer_sparsity(name, sparsity)
         w0 = module.weight.detach().clone()
-        mask = find(module, "weight", Mask)
-        keep = (sparsity_mask(w0, s).bool() if s > 0
-                else mask.mask.detach().reshape(w0.shape) != 0 if mask is not None
-                else torch.ones_like(w0, dtype=torch.bool))
+        keep = sparsity_mask(w0, s).bool() if s > 0 else _kept(module, w0)
         pruned = torch.where(keep, w0, 0.0)
         final, index = pruned, None
         if rules is not None:
@@ -376,14 +382,11 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
         h = moments.mean()
         moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
         w0 = module.weight.detach()  # no copy: nothing writes it before _install
-        mask = find(module, "weight", Mask)
         if s > 0:
             pruned, keep = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
             keep = keep.bool()
-        elif mask is not None:  # pruned before (and retrained under the mask): kept as it is
-            pruned, keep = w0, mask.mask.detach().reshape(w0.shape) != 0
         else:
-            pruned, keep = w0, torch.ones_like(w0, dtype=torch.bool)
+            pruned, keep = w0, _kept(module, w0)
         prune_error = output_error(w0, pruned, h)
         final, index = pruned, None
         if rules is not None:
