@@ -28,6 +28,7 @@ weights are used: the package itself imports audio libraries).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -211,6 +212,8 @@ def run_row(label: str, work: Path, frames: torch.Tensor, truth: torch.Tensor,
         model = deepcompress.load(dst, crepe_full()).eval()
         cmd = command(src, dst, kind, changes, calib)
         extra = {"calibration_output_error": report.stages[-1].output_error} if kind == "calib" else {}
+        if report.budget:  # each layer's chosen settings, planned and coded bytes
+            extra["budget"] = [dataclasses.asdict(c) for c in report.budget]
     print(f"[{label}] {size:,} B in {seconds:.0f} s; evaluating", flush=True)
     t1 = time.perf_counter()
     row = {"label": label, "kind": kind, "options": changes, "command": cmd, "bytes": size,

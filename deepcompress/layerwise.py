@@ -72,21 +72,33 @@ def _damped(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
     return h
 
 
+def _lower_inverse(lower: Tensor, leaf: int = 1024) -> Tensor:
+    """Inverse of a lower-triangular matrix by halves: [[A, 0], [C, B]]^-1 is
+    [[A^-1, 0], [-B^-1 C A^-1, B^-1]], so two half-size inverses and two matrix products (a
+    third of the flops of a triangular solve against the identity, at matrix-product speed)."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    m = n // 2
+    out = torch.zeros_like(lower)
+    out[:m, :m] = _lower_inverse(lower[:m, :m], leaf)
+    out[m:, m:] = _lower_inverse(lower[m:, m:], leaf)
+    out[m:, :m] = -(out[m:, m:] @ (lower[m:, :m] @ out[:m, :m]))
+    return out
+
+
 def _inverse_upper(h: Tensor) -> Tensor | None:
-    """Upper Cholesky factor of h^-1 (None if h is not positive definite); temporaries are freed
-    as soon as they are used. (LAPACK in place through scipy took one copy of H instead of four,
-    but its OpenBLAS crashed with a segfault on CREPE's layers: not used until that is known.)"""
-    factor, info = torch.linalg.cholesky_ex(h)
+    """Upper Cholesky factor U of h^-1 (h^-1 = U^T U; None if h is not positive definite), with
+    one factorisation and one triangular inverse: if J reverses the order and J h J = L L^T,
+    then U = J L^-1 J. Temporaries are freed as soon as they are used."""
+    factor, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     del h
     if int(info) != 0:
         return None
-    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    inverse = torch.cholesky_solve(eye, factor)  # cholesky_inverse is ~25x slower on CPU
-    del eye, factor
-    symmetric = inverse + inverse.T
-    del inverse
-    upper, info = torch.linalg.cholesky_ex(symmetric.div_(2), upper=True)
-    return upper if int(info) == 0 else None
+    inverse = _lower_inverse(factor)
+    del factor
+    return inverse.flip(0, 1)
 
 
 def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -163,54 +175,80 @@ def _sweep(weight: Tensor, upper: Tensor, sparsity: float | None, mask: Tensor |
     return w, keep, index
 
 
-def _matrix(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
-    """(a copy of weight as [rows, columns] in H's precision, H)."""
-    w = weight.detach().reshape(weight.shape[0], -1)
-    if hessian.shape != (w.shape[1], w.shape[1]):
-        raise CompressError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with "
-                            f"{w.shape[1]} columns; collect H for this layer")
-    dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
-    copy = w.to(dtype)
-    return copy.clone() if copy.data_ptr() == weight.data_ptr() else copy, hessian.to(dtype)
-
-
 def _order(hessian: Tensor, act_order: bool) -> Tensor | None:
     return torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else None
 
 
-def obs_prune(weight: Tensor, hessian: Tensor, sparsity: float, *, blocksize: int = 128,
-              damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Tensor]:
-    """OBS/SparseGPT pruning of exactly round(sparsity * numel) weights with compensation; (weight, 0/1 keep mask), weight's shape and dtype."""
-    _check_unit(sparsity, "sparsity")
-    w, h = _matrix(weight, hessian)
-    perm = _order(h, act_order)
+@dataclass(frozen=True)
+class Factored:
+    """A layer's H made ready for its sweeps, once for both pruning and sharing: the column
+    order (None: as given), H in that order, the upper Cholesky factor of its damped inverse and
+    its dead columns."""
+
+    perm: Tensor | None
+    hessian: Tensor
+    upper: Tensor
+    dead: Tensor
+
+
+def factor(hessian: Tensor, damp: float = 0.01, act_order: bool = False) -> Factored:
+    """Factor H for obs_prune and gptq_quantize (the inverse is most of a large layer's time and
+    memory); act_order sweeps the columns by decreasing diag(H), as GPTQ's option."""
+    h = hessian.detach()
+    if h.dtype not in (torch.float32, torch.float64):
+        h = h.float()
+    perm = _order(h, act_order) if h.dim() == 2 and h.shape[0] == h.shape[1] else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        h = h[perm][:, perm]
     upper, dead = inverse_cholesky(h, damp)
-    out, keep, _ = _sweep(w, upper, sparsity, None, None, blocksize, dead)
-    if perm is not None:
-        inv = torch.argsort(perm)
-        out, keep = out[:, inv], keep[:, inv]
+    return Factored(perm, h, upper, dead)
+
+
+def _matrix(weight: Tensor, f: Factored) -> Tensor:
+    """A copy of weight as [rows, columns] in H's precision and column order."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if f.hessian.shape != (w.shape[1], w.shape[1]):
+        raise CompressError(f"hessian of shape {tuple(f.hessian.shape)} does not fit a weight with "
+                            f"{w.shape[1]} columns; collect H for this layer")
+    copy = w.to(f.hessian.dtype)
+    if f.perm is not None:
+        return copy[:, f.perm]
+    return copy.clone() if copy.data_ptr() == weight.data_ptr() else copy
+
+
+def _unpermute(f: Factored, *tensors: Tensor) -> tuple[Tensor, ...]:
+    if f.perm is None:
+        return tensors
+    inv = torch.argsort(f.perm)
+    return tuple(t[:, inv] for t in tensors)
+
+
+def obs_prune(weight: Tensor, hessian: Tensor | Factored, sparsity: float, *, blocksize: int = 128,
+              damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Tensor]:
+    """OBS/SparseGPT pruning of exactly round(sparsity * numel) weights with compensation; (weight, 0/1 keep mask), weight's shape and dtype.
+    A Factored H brings its own damping and order."""
+    _check_unit(sparsity, "sparsity")
+    f = hessian if isinstance(hessian, Factored) else factor(hessian, damp, act_order)
+    out, keep, _ = _sweep(_matrix(weight, f), f.upper, sparsity, None, None, blocksize, f.dead)
+    out, keep = _unpermute(f, out, keep)
     return out.to(weight.dtype).reshape(weight.shape), keep.to(weight.dtype).reshape(weight.shape)
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, codebook: Tensor, *, mask: Tensor | None = None,
+def gptq_quantize(weight: Tensor, hessian: Tensor | Factored, codebook: Tensor, *, mask: Tensor | None = None,
                   blocksize: int = 128, damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Tensor]:
-    """GPTQ onto a codebook: every kept weight becomes a codebook value with error feedback, masked ones exactly 0; (weight, int32 index with -1 at zeros)."""
-    w, h = _matrix(weight, hessian)
+    """GPTQ onto a codebook: every kept weight becomes a codebook value with error feedback, masked ones exactly 0; (weight, int32 index with -1 at zeros).
+    A Factored H brings its own damping and order."""
+    f = hessian if isinstance(hessian, Factored) else factor(hessian, damp, act_order)
+    w = _matrix(weight, f)
     book = torch.unique(codebook.detach().to(weight.dtype)).to(w.dtype)  # values as stored
     if book.numel() == 0:
         raise CompressError("codebook is empty; fit one with fit_codebook first")
     keep = (torch.ones_like(w, dtype=torch.bool) if mask is None
             else mask.detach().reshape(w.shape).to(w.device) != 0)
-    perm = _order(h, act_order)
-    if perm is not None:
-        w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
-    upper, _ = inverse_cholesky(h, damp)
-    out, keep, index = _sweep(w, upper, None, keep, book, blocksize)
-    if perm is not None:
-        inv = torch.argsort(perm)
-        out, index = out[:, inv], index[:, inv]
+    if f.perm is not None:
+        keep = keep[:, f.perm]
+    out, keep, index = _sweep(w, f.upper, None, keep, book, blocksize)
+    out, index = _unpermute(f, out, index)
     out = out.to(weight.dtype)
     index = torch.where(out == 0, -1, index)
     out = out + 0.0  # no -0.0
@@ -382,8 +420,9 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
         h = moments.mean()
         moments.sum = moments.sum.new_zeros(0)  # free the sum as soon as H is out
         w0 = module.weight.detach()  # no copy: nothing writes it before _install
+        f = factor(h, damp, act_order) if s > 0 or rules is not None else None  # one inverse for both
         if s > 0:
-            pruned, keep = obs_prune(w0, h, s, blocksize=blocksize, damp=damp, act_order=act_order)
+            pruned, keep = obs_prune(w0, f, s, blocksize=blocksize)
             keep = keep.bool()
         else:
             pruned, keep = w0, _kept(module, w0)
@@ -394,8 +433,8 @@ def compress_layerwise(model: nn.Module, batches: Tensor | Iterable[Batch], spar
             importance = h.diagonal().reshape(1, -1) if weighted else None
             codebook = fit_codebook(pruned.reshape(pruned.shape[0], -1), k, importance=importance, init=init)
             del pruned, final
-            final, index = gptq_quantize(w0, h, codebook, mask=keep, blocksize=blocksize, damp=damp,
-                                         act_order=act_order)
+            final, index = gptq_quantize(w0, f, codebook, mask=keep, blocksize=blocksize)
+        del f
         errors = (prune_error, output_error(w0, final, h))  # before _install overwrites w0
         finish(name, block, module, w0.numel(), errors, keep, final, index, "obs", t0)
 

@@ -215,3 +215,33 @@ def test_the_inverse_factor_and_a_matrix_that_is_not_positive_definite() -> None
     want = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     assert torch.allclose(_inverse_upper(h.clone()), want, rtol=1e-10, atol=1e-12)
     assert _inverse_upper(-h.clone()) is None
+
+
+@pytest.mark.parametrize("n, leaf", [(1, 4), (37, 4), (64, 8), (5, 1024)])
+def test_the_lower_inverse_by_halves_is_the_inverse(n, leaf) -> None:
+    from deepcompress.layerwise import _lower_inverse
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))
+    got = _lower_inverse(lower, leaf)
+    assert torch.equal(got, got.tril())
+    assert torch.allclose(got @ lower, torch.eye(n, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_factored_hessian_serves_both_sweeps_as_the_plain_one_does(act_order) -> None:
+    from deepcompress.layerwise import factor
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 48, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, 48, dtype=torch.float64)
+    h = x.T @ x / 400
+    w = torch.randn(16, 48, generator=g)
+    f = factor(h, 0.01, act_order)
+    pruned, keep = obs_prune(w, h, 0.5, act_order=act_order)
+    got = obs_prune(w, f, 0.5)
+    assert torch.equal(got[0], pruned) and torch.equal(got[1], keep)
+    book = torch.linspace(-1, 1, 8)
+    want = gptq_quantize(w, h, book, mask=keep, act_order=act_order)
+    got = gptq_quantize(w, f, book, mask=keep)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
