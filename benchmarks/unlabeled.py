@@ -45,6 +45,8 @@ def main() -> None:
                     "(layers not named stay dense)")
     ap.add_argument("--bits", default="3,4", help="comma-separated grid")
     ap.add_argument("--distill-epochs", default="0,20", help="comma-separated grid")
+    ap.add_argument("--distill-mix", default="0", help="comma-separated grid of mixed inputs "
+                    "per calibration input in distillation (with distill epochs only)")
     ap.add_argument("--within", type=float, default=1.0, help="validation points the chosen "
                     "file may lose against the dense model")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "unlabeled",
@@ -78,29 +80,33 @@ def main() -> None:
                  for spec in args.layer_sparsity.split(";") if spec]
     grid = itertools.product([float(v) for v in args.sparsity.split(",") if v] + per_layer,
                              [int(v) for v in args.bits.split(",")],
-                             [int(v) for v in args.distill_epochs.split(",")])
-    for sparsity, bits, epochs in grid:
+                             [int(v) for v in args.distill_epochs.split(",")],
+                             [int(v) for v in args.distill_mix.split(",")])
+    for sparsity, bits, epochs, mix in grid:
+        if mix and not epochs:
+            continue
         label = (sparsity if isinstance(sparsity, float)
                  else "-".join(f"{k}{v}" for k, v in sparsity.items()))
-        dst = work / f"s{label}-b{bits}-d{epochs}.dcz"
+        dst = work / (f"s{label}-b{bits}-d{epochs}" + (f"-m{mix}" if mix else "") + ".dcz")
         flag = (sparsity if isinstance(sparsity, float)
                 else ",".join(f"{k}={v}" for k, v in sparsity.items()))
         config = CompressConfig(sparsity=sparsity, bits=str(bits), quiet=True,
-                                distill_epochs=epochs)
+                                distill_epochs=epochs, distill_mix=mix)
         t0 = time.perf_counter()
         deepcompress.compress_file(src, dst, config, arch=MODELS[args.model], calib=str(calib))
         seconds = time.perf_counter() - t0
         model = deepcompress.load(dst, MODELS[args.model]())
-        row = {"sparsity": sparsity, "bits": bits, "distill_epochs": epochs,
+        row = {"sparsity": sparsity, "bits": bits, "distill_epochs": epochs, "distill_mix": mix,
                "bytes": dst.stat().st_size, "ratio": dense["bytes"] / dst.stat().st_size,
                "val": evaluate(model, task, "val"), "test": evaluate(model, task, "test"),
                "compress_seconds": seconds,
                "command": f"dcompress compress {src} -o {dst} --arch "
                           f"deepcompress.models:{args.model} --calib {calib} --sparsity "
                           f"{flag} --bits {bits}"
-                          + (f" --distill-epochs {epochs}" if epochs else "")}
+                          + (f" --distill-epochs {epochs}" if epochs else "")
+                          + (f" --distill-mix {mix}" if mix else "")}
         rows.append(row)
-        print(f"sparsity {flag} bits {bits} distill {epochs}: {row['bytes']:,} B "
+        print(f"sparsity {flag} bits {bits} distill {epochs} mix {mix}: {row['bytes']:,} B "
               f"({row['ratio']:.1f}x), val {row['val']:.4f}, test {row['test']:.4f}, "
               f"{seconds:.0f} s", flush=True)
     ok = [r for r in rows if r["val"] >= dense["val"] - args.within / 100]

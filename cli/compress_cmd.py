@@ -58,6 +58,10 @@ def check_output(out: str, force: bool) -> Path:
               "original model's outputs (tensor inputs only), twice: the surviving weights "
               "after pruning, under their masks, then the codebooks after sharing; a second "
               "layer-wise pass. Example: --distill-epochs 10")
+@click.option("--distill-mix", type=int, help="With --distill-epochs: also train on this many "
+              "mixtures of two calibration inputs (a random convex combination, floating "
+              "inputs only) per input, labelled by the original model: more of its function "
+              "seen from few inputs, for that many times the epoch time. Example: --distill-mix 8")
 @click.option("--example-input", help="Without a task or --calib: a file of inputs (as --calib) "
               "to export the architecture with --arch into the .dcz, so load() runs it. "
               "Example: --example-input x.npy")
@@ -129,6 +133,7 @@ def check_output(out: str, force: bool) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compress(input_path: str, output: str, task: str | None, data_dir: str | None,
              arch: str | None, calib: str | None, device: str | None, distill_epochs: int | None,
+             distill_mix: int | None,
              example_input: str | None, sparsity: str | None, quality: float | None, bits: str | None,
              init: str | None, criterion: str | None, allocation: str | None,
              schedule: str | None, structured: bool | None, channels: float | None,
@@ -168,7 +173,7 @@ def compress(input_path: str, output: str, task: str | None, data_dir: str | Non
              "target_bytes": target_bytes, "regulariser": regulariser,
              "regulariser_strength": regulariser_strength,
              "rounds": rounds, "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
-             "distill_epochs": distill_epochs, "lr": lr, "seed": seed, "device": device,
+             "distill_epochs": distill_epochs, "distill_mix": distill_mix, "lr": lr, "seed": seed, "device": device,
              "quiet": quiet or as_json}
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(config_file, **flags) if config_file else CompressConfig(**flags)

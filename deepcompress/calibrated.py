@@ -269,7 +269,8 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
         target = config.target_bytes or int(_fp32_bytes(model.state_dict()) / config.target_ratio)
         plan = plan_layers(model, batches, target, config, reserved)
         sparsity, bits, solved = plan.sparsity, plan.bits, plan.solved
-    task = (distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed)
+    task = (distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed,
+                         mix=config.distill_mix)
             if teacher is not None else None)
     pruning = []
     if task is not None and _prunes(sparsity):

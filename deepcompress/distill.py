@@ -9,6 +9,11 @@ retraining after pruning, centroid fine-tuning after sharing, with the teacher a
 
 The validation split (used to pick the best epoch) is a held-out part of the calibration inputs;
 the test split is the same held-out part, so it is not an independent test.
+
+With `mix`, the training inputs are extended by convex combinations of random pairs of them,
+lambda x_a + (1 - lambda) x_b with lambda uniform in [0, 1], each labelled by the teacher: a few
+hundred inputs then show the student much more of the teacher's function than its values on
+those inputs alone ("function matching" with mixup, Beyer et al. 2022). Floating inputs only.
 """
 from __future__ import annotations
 
@@ -118,16 +123,31 @@ def _single(output: Any) -> Tensor:
     return parts[0]
 
 
+def mixed_inputs(x: Tensor, count: int, seed: int = 0) -> Tensor:
+    """count convex combinations lambda x[a] + (1 - lambda) x[b] of random pairs of rows of x, lambda uniform in [0, 1]."""
+    if not x.is_floating_point():
+        raise CompressError(f"distillation mix: inputs of dtype {x.dtype} cannot be mixed; "
+                            "mix floating inputs only (drop distill_mix for token ids)")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(len(x), (count,), generator=g)
+    b = torch.randint(len(x), (count,), generator=g)
+    lam = torch.rand(count, generator=g, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    return torch.lerp(x[b], x[a], lam)
+
+
 def distill_task(teacher: nn.Module, inputs: Tensor | Iterable[Tensor], *, loss: str = "mse",
                  temperature: float = 1.0, val_fraction: float = 0.125, seed: int = 0,
-                 batch_size: int = 256, name: str = "distill") -> Task:
+                 batch_size: int = 256, mix: int = 0, name: str = "distill") -> Task:
     """A Task on unlabeled inputs whose targets are teacher(x): loss 'mse' (or 'kl' for logits), metric negative MSE (or agreement).
 
     inputs: a batch-first tensor or an iterable of such batches (concatenated). A fraction
     val_fraction of the rows (seeded) is held out as validation and test split (0: validate on
-    the training rows). A student with structured outputs is trained wrapped in FlatOutputs.
+    the training rows). mix: add this many mixed inputs per training input (mixed_inputs),
+    labelled by the teacher. A student with structured outputs is trained wrapped in FlatOutputs.
     """
     DistillLoss(loss, temperature)
+    if not isinstance(mix, int) or mix < 0:
+        raise CompressError(f"distillation mix {mix!r}: must be a non-negative whole number, e.g. 8")
     if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
         raise CompressError(f"val_fraction {val_fraction!r}: must be in [0, 1), e.g. 0.125")
     batches = as_batches(inputs, batch_size)
@@ -152,6 +172,10 @@ def distill_task(teacher: nn.Module, inputs: Tensor | Iterable[Tensor], *, loss:
         train, val = (x[train_idx], targets[train_idx]), (x[val_idx], targets[val_idx])
     else:
         train = val = (x, targets)
+    if mix:
+        extra = mixed_inputs(train[0], mix * len(train[0]), seed + 1)
+        train = (torch.cat([train[0], extra]),
+                 torch.cat([train[1], teacher_targets(teacher, extra, loss, batch_size)]))
     metric = negative_mse if loss == "mse" else agreement
     return Task(name, train, val, val, loss=DistillLoss(loss, temperature), metric=metric,
                 example_input=x[:8])

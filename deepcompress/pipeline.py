@@ -60,6 +60,7 @@ class CompressConfig:
     finetune_epochs: int = 4  # centroid fine-tuning epochs
     distill_epochs: int = 0  # with calibration inputs: retraining on the original's outputs
     # (the survivors after pruning, then the codebooks after sharing)
+    distill_mix: int = 0  # distillation also on this many mixed inputs per input (distill.py)
     structured: bool = False  # with a task: remove all-zero channels after pruning (structured.py)
     channels: float | None = None  # with a task, first: remove this fraction of every hidden
     channel_criterion: str = "l1_filter"  # layer's neurons/filters, ranked by this, then prune
@@ -141,8 +142,8 @@ class CompressConfig:
         if self.agp_steps is not None and (not isinstance(self.agp_steps, int)
                                            or not 1 <= self.agp_steps <= self.prune_epochs):
             raise CompressError(f"agp_steps {self.agp_steps!r}: must be 1 to prune_epochs")
-        for name in ("rounds", "prune_epochs", "finetune_epochs", "distill_epochs", "batch_size",
-                     "min_weights"):
+        for name in ("rounds", "prune_epochs", "finetune_epochs", "distill_epochs", "distill_mix",
+                     "batch_size", "min_weights"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name in ("rounds", "batch_size") else 0):
                 raise CompressError(f"{name} {value!r}: must be a non-negative whole number")

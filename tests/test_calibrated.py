@@ -268,3 +268,19 @@ def test_the_plan_keeps_its_sparsities_once_the_layers_are_pruned():
     plan.keep_sparsity()
     assert plan.points["a"] == [points["a"][2]] and plan.points["b"] == points["b"][1:]
     assert plan.at == {"a": 0, "b": 1} and plan.sparsity == {"a": 0.5, "b": 0.5}
+
+
+def test_distill_mix_adds_mixtures_to_what_is_retrained_on(trained, task, monkeypatch):
+    import copy
+
+    from deepcompress import calibrated
+
+    sizes = []
+    monkeypatch.setattr(calibrated, "_retrain", lambda model, t, config: sizes.append(t.size("train")))
+    x = list(task.train[0][:128].split(64))
+    for mix in (0, 2):
+        compress_calibrated(copy.deepcopy(trained), x, CompressConfig(
+            sparsity=0.5, bits=4, distill_epochs=1, distill_mix=mix, quiet=True))
+    assert sizes == [112, 112, 336, 336]
+    with pytest.raises(CompressError, match="distill_mix"):
+        CompressConfig(distill_mix=-1)
