@@ -299,12 +299,13 @@ def unlabeled_section(r: dict) -> list[str]:
     d = r["dense"]
     out = [f"{NAMES[r['model']]}, {r['images']} unlabeled training images, on {r['machine']}; "
            f"dense: validation {pct(d['val'])}, test {pct(d['test'])}, {d['bytes']:,} B.", "",
-           "| sparsity | bits | distill epochs | bytes | ratio | validation | test |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "| sparsity | bits | distill epochs | mixtures per image | bytes | ratio | validation | test |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["rows"]:
         sp = row["sparsity"]
         sp = f"{sp:g}" if isinstance(sp, float) else ", ".join(f"{k} {v:g}" for k, v in sp.items())
-        out.append(f"| {sp} | {row['bits']} | {row['distill_epochs']} | {row['bytes']:,} | "
+        out.append(f"| {sp} | {row['bits']} | {row['distill_epochs']} | {row.get('distill_mix', 0)} | "
+                   f"{row['bytes']:,} | "
                    f"{row['ratio']:.1f}x | {pct(row['val'])} | {pct(row['test'])} |")
     c = r["chosen"]
     reached = (f"{c['ratio']:.1f}x (test {pct(c['test'])})" if c else "no point")

@@ -112,7 +112,7 @@ def _first(batches: list[Batch], n: int) -> list[Batch]:
 
 def _grid(model: nn.Module, batches: list[Batch], config: CompressConfig
           ) -> dict[str, list[tuple[tuple[float, int], int, float]]]:
-    """Each Linear/Conv layer's lower hull of ((sparsity, bits), coded bytes, output error) over
+    """Each Linear/Conv layer's ((sparsity, bits), coded bytes, output error) at every point of
     the grid, the layer tried alone (magnitude pruning and k-means) on the first BUDGET_INPUTS
     calibration inputs; a given sparsity (one fraction or per layer) is kept and only bits vary."""
     from tqdm import tqdm
@@ -145,7 +145,7 @@ def _grid(model: nn.Module, batches: list[Batch], config: CompressConfig
         finally:
             with torch.no_grad():
                 module.weight.copy_(w0)
-        points[name] = hull(options)
+        points[name] = options
     bar.close()
     return points
 
@@ -156,30 +156,56 @@ class RatePlan:
     for the bytes left, their grid bytes scaled by how far the solved layers' coded bytes ran
     from their plan (the solve codes to other bytes than the grid's stand-in). Every plan aims
     `headroom` (a fraction) under the target: the layer solved last has none after it to absorb
-    its overrun."""
+    its overrun. The choice is made on each layer's lower convex hull of the grid; the room it
+    leaves under the aim (less than any step) goes to the largest layer not yet solved, at a
+    sparsity between its grid point's and the next denser one's at the same bits (bytes taken
+    as linear in sparsity between the two)."""
 
-    def __init__(self, points: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
+    def __init__(self, grid: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
                  target_bytes: int, headroom: float = 0.01):
-        self.points, self.fixed, self.target = points, fixed, target_bytes
+        self.grid, self.fixed, self.target = grid, fixed, target_bytes
+        self.points = {n: hull(p) for n, p in grid.items()}
         self.aim = int(target_bytes * (1 - headroom))
-        at = descend(points, fixed, self.aim)
+        at = descend(self.points, fixed, self.aim)
         if at is None:  # no room for the headroom: aim at the target itself
             self.aim = target_bytes
-            at = descend(points, fixed, self.aim)
+            at = descend(self.points, fixed, self.aim)
         if at is None:
-            floor = fixed + sum(p[0][1] for p in points.values())
+            floor = fixed + sum(p[0][1] for p in self.points.values())
             raise CompressError(f"target {target_bytes} B: the smallest settings tried (the most "
                                 f"sparsity, {min(BUDGET_BITS)} bits) take {floor} B; ask for a "
                                 "larger file")
         self.at = at
         self.coded: dict[str, int] = {}
+        self.expect: dict[str, float] = {}  # each layer's grid bytes as published
+        self.scale = 1.0  # coded / expected bytes of the layers solved so far
+        self.interpolate = True
         self.sparsity: dict[str, float] = {}  # read by compress_layerwise as each layer comes
         self.bits: dict[str, int] = {}
         self._publish()
 
     def _publish(self) -> None:
-        for name, i in self.at.items():
-            self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = self.points[name][i][0]
+        left = [n for n in self.at if n not in self.coded]
+        for name in left:
+            (s, b), nbytes, _ = self.points[name][self.at[name]]
+            self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = s, b
+            self.expect[name] = nbytes
+        if not self.interpolate:
+            return
+        spent = self.fixed + sum(self.coded.values()) + self.scale * sum(self.expect[n] for n in left)
+        room = (self.aim - spent) / self.scale  # in grid bytes
+        for name in sorted(left, key=lambda n: -self.expect[n]):
+            (s, b), nbytes, _ = self.points[name][self.at[name]]
+            denser = [(s2, b2) for (s2, bits), b2, _ in self.grid[name]
+                      if bits == b and s2 < s and b2 > nbytes]
+            if not denser:
+                continue
+            s2, b2 = max(denser)  # the next denser sparsity at these bits
+            frac = min(1.0, room / (b2 - nbytes))
+            if frac > 0:
+                self.sparsity[glob.escape(name)] = round(s - frac * (s - s2), 4)
+                self.expect[name] = nbytes + frac * (b2 - nbytes)
+            return
 
     def solved(self, layer: str, weight: torch.Tensor) -> None:
         """Record a solved layer's coded bytes and choose the remaining layers again."""
@@ -187,25 +213,27 @@ class RatePlan:
         left = {n: p for n, p in self.points.items() if n not in self.coded}
         if not left:
             return
-        planned = sum(self.points[n][self.at[n]][1] for n in self.coded)
-        scale = sum(self.coded.values()) / planned if planned else 1.0
-        scaled = {n: [(s, max(1, round(b * scale)), e) for s, b, e in p] for n, p in left.items()}
+        planned = sum(self.expect[n] for n in self.coded)
+        self.scale = sum(self.coded.values()) / planned if planned else 1.0
+        scaled = {n: [(s, max(1, round(b * self.scale)), e) for s, b, e in p] for n, p in left.items()}
         at = descend(scaled, self.fixed + sum(self.coded.values()), self.aim)
         self.at.update(at if at is not None else dict.fromkeys(left, 0))
         self._publish()
 
     def keep_sparsity(self) -> None:
         """From now on re-plan only the bits: each layer keeps the sparsity chosen so far (its
-        weights were pruned, and retrained, at it)."""
+        weights were pruned, and retrained, at it), its points the grid's at that sparsity."""
         chosen = {n: self.points[n][i][0] for n, i in self.at.items()}
-        self.points = {n: [pt for pt in p if pt[0][0] == chosen[n][0]]
-                       for n, p in self.points.items()}
+        self.interpolate = False
+        self.points = {n: hull([pt for pt in self.grid[n] if pt[0][0] == chosen[n][0]])
+                       for n in self.points}
         self.at = {n: [pt[0] for pt in self.points[n]].index(chosen[n]) for n in self.at}
 
     def choices(self) -> list[LayerChoice]:
         """Each layer's final settings, planned bytes and error, and coded bytes once solved."""
-        return [LayerChoice(n, *self.points[n][i][0], *self.points[n][i][1:],
-                            coded=self.coded.get(n)) for n, i in self.at.items()]
+        return [LayerChoice(n, self.sparsity[glob.escape(n)], self.points[n][i][0][1],
+                            round(self.expect[n]), self.points[n][i][2], coded=self.coded.get(n))
+                for n, i in self.at.items()]
 
 
 def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,

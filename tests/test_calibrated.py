@@ -264,7 +264,7 @@ def test_the_plan_keeps_its_sparsities_once_the_layers_are_pruned():
     points = {"a": [((0.9, 2), 100, 1.0), ((0.9, 4), 150, 0.8), ((0.5, 4), 200, 0.5)],
               "b": [((0.9, 2), 100, 0.7), ((0.5, 2), 150, 0.65), ((0.5, 4), 200, 0.6)]}
     plan = calibrated.RatePlan(points, fixed=0, target_bytes=400, headroom=0)
-    assert plan.at == {"a": 2, "b": 2}
+    assert plan.at == {"a": 1, "b": 1}  # on each hull: a's (0.9, 4) and b's (0.5, 2) are not
     plan.keep_sparsity()
     assert plan.points["a"] == [points["a"][2]] and plan.points["b"] == points["b"][1:]
     assert plan.at == {"a": 0, "b": 1} and plan.sparsity == {"a": 0.5, "b": 0.5}
@@ -284,3 +284,23 @@ def test_distill_mix_adds_mixtures_to_what_is_retrained_on(trained, task, monkey
     assert sizes == [112, 112, 336, 336]
     with pytest.raises(CompressError, match="distill_mix"):
         CompressConfig(distill_mix=-1)
+
+
+def test_the_room_no_step_fits_goes_to_the_largest_layer_at_an_interpolated_sparsity(monkeypatch):
+    from deepcompress import calibrated
+
+    # "big": 3 bits at 0.9 (400 B) or 0.8 (600 B), and 2 bits at 0.9 (300 B, far more error);
+    # "small": one point
+    grid = {"big": [((0.9, 3), 400, 1.0), ((0.8, 3), 600, 0.5), ((0.9, 2), 300, 3.0)],
+            "small": [((0.5, 4), 100, 0.2)]}
+    plan = calibrated.RatePlan(grid, fixed=0, target_bytes=600, headroom=0)
+    # 0.8 does not fit (700 B); 100 B are left, half the step from 0.9 to 0.8
+    assert plan.at == {"big": 1, "small": 0} and plan.bits["big"] == 3
+    assert plan.sparsity == {"big": 0.85, "small": 0.5}
+    assert [(c.layer, c.sparsity, c.bytes) for c in plan.choices()] == [("big", 0.85, 500), ("small", 0.5, 100)]
+    monkeypatch.setattr(calibrated.codec, "encode_tensor",
+                        lambda w: type("Encoded", (), {"nbytes": int(w.numel())})())
+    plan.solved("big", torch.zeros(550))  # 10% over what 0.85 was expected to take
+    assert plan.scale == 1.1 and plan.sparsity["small"] == 0.5  # small has no denser point
+    plan.keep_sparsity()
+    assert not plan.interpolate
