@@ -44,7 +44,7 @@ from .pipeline import (
     share_config,
 )
 from .prune import layer_stats, sparsity_mask
-from .quantize import share_weights
+from .quantize import share_biases, share_weights
 from .tasks import Task
 from .train import fit
 
@@ -277,8 +277,9 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
                         ) -> tuple[nn.Module, Report]:
     """Prune (config.sparsity, per layer) and share (config.bits) model in place from calibration
     batches, or to config's size target (less `reserved` bytes the file spends elsewhere); with
-    config.distill_epochs, retrain on the original's outputs after pruning and after sharing;
-    returns the baked model and the report."""
+    config.distill_epochs, retrain on the original's outputs after pruning and after sharing
+    (biases then shared at config.bias_bits too, as with a task); returns the baked model and
+    the report."""
     config = config or CompressConfig()
     if config.quality is not None:
         raise CompressError("quality: the std rule has no calibrated form; give --sparsity with --calib")
@@ -319,6 +320,8 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
         report.budget = plan.choices()
     share_weights(model, sc)  # the shareable tensors outside Linear/Conv layers (embeddings)
     if task is not None:
+        if config.bias_bits is not None:  # as with any task: biases shared, then fine-tuned
+            share_biases(model, config.bias_bits, sc.init, config.seed)
         _retrain(model, task, config)  # the codebooks
     bake(model)
     report.stages.append(_stage("shared", model, reference, batches, t))

@@ -48,7 +48,7 @@ class CompressConfig:
     quality: float | None = None  # the paper's rule: prune |w| < quality * std(w)
     bits: int | str | None = None  # None: conv=8,linear=5 with a task, 8 without (share_config)
     init: str | None = None  # k-means init; None: linear with a task, optimal without
-    bias_bits: int | None = 5  # with a task, biases shared too (fine-tuned); None keeps fp32
+    bias_bits: int | None = 5  # with a task or distillation, biases shared too (fine-tuned); None keeps fp32
     criterion: str = "magnitude"  # what scores weights: magnitude (|w|), taylor (|grad * w|)
     allocation: str | None = None  # global (one threshold), layer (each alike), std (with quality);
     # None: std with quality, global otherwise

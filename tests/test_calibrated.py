@@ -304,3 +304,18 @@ def test_the_room_no_step_fits_goes_to_the_largest_layer_at_an_interpolated_spar
     assert plan.scale == 1.1 and plan.sparsity["small"] == 0.5  # small has no denser point
     plan.keep_sparsity()
     assert not plan.interpolate
+
+
+def test_with_distillation_the_biases_are_shared_as_with_a_task(trained, task):
+    import copy
+
+    x = list(task.train[0][:128].split(64))
+    for bias_bits, most in ((3, 8), (None, None)):
+        model = copy.deepcopy(trained)
+        compress_calibrated(model, x, CompressConfig(sparsity=0.5, bits=4, distill_epochs=1,
+                                                     bias_bits=bias_bits, quiet=True))
+        distinct = len(torch.unique(model.fc1.bias))
+        assert distinct <= most if most else distinct == model.fc1.bias.numel()
+    model = copy.deepcopy(trained)  # without distillation, no task: biases stay as they are
+    compress_calibrated(model, x, CompressConfig(sparsity=0.5, bits=4, quiet=True))
+    assert torch.equal(model.fc1.bias, trained.fc1.bias)
