@@ -320,7 +320,12 @@ def criteria_section(r: dict) -> list[str]:
            f"unstructured rows prune {100 * r['sparsity']:.1f}% of the weights "
            "(global), structured rows remove "
            f"{100 * r['channels']:.0f}% of the neurons of every hidden layer for real. Mean ± half "
-           "the spread over seeds; latency is one forward pass on one thread.", "",
+           "the spread over seeds; latency is one forward pass on one thread."
+           + (" Network slimming needs a BatchNorm after each hidden layer: its row is the "
+              "model's BatchNorm variant, trained dense with the same settings (its own dense "
+              "row), pruned like the structured rows with L1 on the BatchNorm scales; those two "
+              "rows were run later than the others (`--only slimming`)."
+              if any(k.startswith("slimming") for k in r["rows"]) else ""), "",
            "| method | test accuracy | .dcz bytes | weights kept | latency batch 1 | batch 64 |",
            "| --- | --- | --- | --- | --- | --- |"]
     def stat(runs: list[dict], key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:

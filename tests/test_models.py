@@ -32,3 +32,13 @@ def test_digits_mlp_takes_64_features():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_registry_builds_fresh_modules(name):
     assert MODELS[name]() is not MODELS[name]()
+
+
+@pytest.mark.parametrize("name, plain, extra", [("lenet5_bn", lenet5, 2 * (20 + 50 + 500)),
+                                               ("lenet300_bn", lenet300, 2 * (300 + 100))])
+def test_the_batchnorm_variants_add_one_norm_after_each_hidden_layer(name, plain, extra):
+    model = MODELS[name]()
+    assert n_params(model) == n_params(plain()) + extra
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == (3 if name == "lenet5_bn" else 2)
+    assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
