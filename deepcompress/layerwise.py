@@ -61,44 +61,50 @@ def _check_unit(value: float, what: str) -> None:
         raise CompressError(f"{what} {value!r}: must be in [0, 1), e.g. 0.5 prunes half")
 
 
-def _damped(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
-    """H with its dead columns cut off and unit diagonal there scaled to the mean, plus lam I."""
-    h = hessian.clone()
-    h[dead, :] = 0
-    h[:, dead] = 0
+def _damped_reversed(hessian: Tensor, dead: Tensor, mean: float, lam: float) -> Tensor:
+    """J H J (the order reversed: a copy) with its dead columns cut off and unit diagonal there
+    scaled to the mean, plus lam I."""
+    h = hessian.flip(0, 1)
+    gone = dead.flip(0)
+    h[gone, :] = 0
+    h[:, gone] = 0
     diag = h.diagonal()
-    diag[dead] = mean
+    diag[gone] = mean
     diag.add_(lam)
     return h
 
 
-def _lower_inverse(lower: Tensor, leaf: int = 1024) -> Tensor:
-    """Inverse of a lower-triangular matrix by halves: [[A, 0], [C, B]]^-1 is
-    [[A^-1, 0], [-B^-1 C A^-1, B^-1]], so two half-size inverses and two matrix products (a
-    third of the flops of a triangular solve against the identity, at matrix-product speed)."""
+def _reversed_lower_inverse(lower: Tensor, out: Tensor, leaf: int = 1024) -> None:
+    """Write J L^-1 J (J reverses the order: an upper-triangular matrix) into out, by halves: for
+    L = [[A, 0], [C, B]], L^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]], so two half-size inverses
+    and two matrix products (a third of the flops of a triangular solve against the identity,
+    at matrix-product speed), each half reversed into place."""
     n = lower.shape[0]
     if n <= leaf:
         eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
+        out.copy_(torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1))
+        return
     m = n // 2
-    out = torch.zeros_like(lower)
-    out[:m, :m] = _lower_inverse(lower[:m, :m], leaf)
-    out[m:, m:] = _lower_inverse(lower[m:, m:], leaf)
-    out[m:, :m] = -(out[m:, m:] @ (lower[m:, :m] @ out[:m, :m]))
-    return out
+    r = n - m
+    _reversed_lower_inverse(lower[m:, m:], out[:r, :r], leaf)  # J B^-1 J
+    _reversed_lower_inverse(lower[:m, :m], out[r:, r:], leaf)  # J A^-1 J
+    right = lower[m:, :m].flip(0, 1) @ out[r:, r:]  # (J C J)(J A^-1 J)
+    corner = out[:r, :r] @ right
+    del right
+    out[:r, r:] = corner.neg_()
 
 
-def _inverse_upper(h: Tensor) -> Tensor | None:
-    """Upper Cholesky factor U of h^-1 (h^-1 = U^T U; None if h is not positive definite), with
-    one factorisation and one triangular inverse: if J reverses the order and J h J = L L^T,
-    then U = J L^-1 J. Temporaries are freed as soon as they are used."""
-    factor, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    del h
+def _inverse_upper(reversed_h: Tensor) -> Tensor | None:
+    """Upper Cholesky factor U of h^-1 (h^-1 = U^T U; None if h is not positive definite), given
+    J h J (J reverses the order), which is overwritten: if J h J = L L^T, U = J L^-1 J. One
+    factorisation in place and one triangular inverse: the memory of two matrices of h's size."""
+    info = torch.empty((), dtype=torch.int32, device=reversed_h.device)
+    factor, info = torch.linalg.cholesky_ex(reversed_h, out=(reversed_h, info))
     if int(info) != 0:
         return None
-    inverse = _lower_inverse(factor)
-    del factor
-    return inverse.flip(0, 1)
+    upper = torch.zeros_like(factor)
+    _reversed_lower_inverse(factor, upper)
+    return upper
 
 
 def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -116,7 +122,7 @@ def inverse_cholesky(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     lam = damp * mean
     for _ in range(6):
-        upper = _inverse_upper(_damped(hessian, dead, mean, lam))
+        upper = _inverse_upper(_damped_reversed(hessian, dead, mean, lam))
         if upper is not None:
             return upper, dead
         lam *= 10

@@ -213,18 +213,22 @@ def test_the_inverse_factor_and_a_matrix_that_is_not_positive_definite() -> None
     x = torch.randn(200, 30, generator=g, dtype=torch.float64)
     h = x.T @ x / 200 + 0.01 * torch.eye(30, dtype=torch.float64)
     want = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    assert torch.allclose(_inverse_upper(h.clone()), want, rtol=1e-10, atol=1e-12)
-    assert _inverse_upper(-h.clone()) is None
+    reversed_h = h.flip(0, 1)
+    assert torch.allclose(_inverse_upper(reversed_h), want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(reversed_h, reversed_h.tril())  # overwritten by its Cholesky factor
+    assert _inverse_upper(-h.flip(0, 1)) is None
 
 
 @pytest.mark.parametrize("n, leaf", [(1, 4), (37, 4), (64, 8), (5, 1024)])
-def test_the_lower_inverse_by_halves_is_the_inverse(n, leaf) -> None:
-    from deepcompress.layerwise import _lower_inverse
+def test_the_reversed_lower_inverse_by_halves_is_the_inverse_reversed(n, leaf) -> None:
+    from deepcompress.layerwise import _reversed_lower_inverse
 
     g = torch.Generator().manual_seed(n)
     x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
     lower = torch.linalg.cholesky(x.T @ x / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))
-    got = _lower_inverse(lower, leaf)
+    out = torch.zeros_like(lower)
+    _reversed_lower_inverse(lower, out, leaf)
+    got = out.flip(0, 1)
     assert torch.equal(got, got.tril())
     assert torch.allclose(got @ lower, torch.eye(n, dtype=torch.float64), atol=1e-10)
 
