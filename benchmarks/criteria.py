@@ -132,8 +132,10 @@ def main() -> None:
         dense = (dense_model(args.model, task, {**s, "seed": seed}) if groups - {"slimming"}
                  else models.MODELS[BN_VARIANT[args.model]]())
         example = task.example_input
+        # the config's own structured step (channels) is Table 1's recipe, not a criterion
         base = compress_config(s, prune_epochs=args.epochs, agp_steps=min(s["compress"].get("agp_steps", 10), args.epochs),
-                               seed=seed, finetune_epochs=s["compress"].get("finetune_epochs", 4))
+                               seed=seed, finetune_epochs=s["compress"].get("finetune_epochs", 4),
+                               channels=None)
         if groups & {"dense"}:
             rows.setdefault("dense", []).append(dense_row(dense, task, example))
         for criterion, schedule in UNSTRUCTURED if "unstructured" in groups else ():

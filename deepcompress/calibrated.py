@@ -150,6 +150,23 @@ def _grid(model: nn.Module, batches: list[Batch], config: CompressConfig
     return points
 
 
+def _at_bytes(column: list[tuple[float, int, float]], want: float) -> tuple[float, float, float] | None:
+    """(sparsity, bytes, error) of a layer at one bit width taking `want` bytes, from its grid
+    points (sparsity, bytes, error) at that width: linear in sparsity between the two that
+    bracket `want`, the densest point if even it takes less, None if even the sparsest takes
+    more."""
+    column = sorted(column)
+    if not column or column[-1][1] > want:
+        return None
+    if column[0][1] <= want:
+        return float(column[0][0]), float(column[0][1]), column[0][2]
+    for (s0, b0, e0), (s1, b1, e1) in zip(column, column[1:], strict=False):
+        if b0 > want >= b1:
+            f = (b0 - want) / (b0 - b1)
+            return round(s0 + f * (s1 - s0), 4), float(want), e0 + f * (e1 - e0)
+    return None
+
+
 class RatePlan:
     """Per-layer (sparsity, bits) for a file size, re-planned as the layer-wise solve goes (a
     rate controller's feedback): after each layer, the layers not yet solved are chosen again
@@ -157,9 +174,9 @@ class RatePlan:
     from their plan (the solve codes to other bytes than the grid's stand-in). Every plan aims
     `headroom` (a fraction) under the target: the layer solved last has none after it to absorb
     its overrun. The choice is made on each layer's lower convex hull of the grid; the room it
-    leaves under the aim (less than any step) goes to the largest layer not yet solved, at a
-    sparsity between its grid point's and the next denser one's at the same bits (bytes taken
-    as linear in sparsity between the two)."""
+    leaves under the aim (less than any step) then goes to the one layer not yet solved and the
+    bit width where it lowers the error most, at the sparsity where that layer takes its bytes
+    plus the room (bytes and error taken as linear in sparsity between two grid points)."""
 
     def __init__(self, grid: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
                  target_bytes: int, headroom: float = 0.01):
@@ -194,18 +211,18 @@ class RatePlan:
             return
         spent = self.fixed + sum(self.coded.values()) + self.scale * sum(self.expect[n] for n in left)
         room = (self.aim - spent) / self.scale  # in grid bytes
-        for name in sorted(left, key=lambda n: -self.expect[n]):
-            (s, b), nbytes, _ = self.points[name][self.at[name]]
-            denser = [(s2, b2) for (s2, bits), b2, _ in self.grid[name]
-                      if bits == b and s2 < s and b2 > nbytes]
-            if not denser:
-                continue
-            s2, b2 = max(denser)  # the next denser sparsity at these bits
-            frac = min(1.0, room / (b2 - nbytes))
-            if frac > 0:
-                self.sparsity[glob.escape(name)] = round(s - frac * (s - s2), 4)
-                self.expect[name] = nbytes + frac * (b2 - nbytes)
-            return
+        best = None  # (error saved, layer, sparsity, bits, grid bytes)
+        for name in left:
+            _, nbytes, err = self.points[name][self.at[name]]
+            for bits in {b for (_, b), _, _ in self.grid[name]}:
+                got = _at_bytes([(s, nb, e) for (s, b), nb, e in self.grid[name] if b == bits],
+                                nbytes + room)
+                if got is not None and got[1] > nbytes and (best is None or err - got[2] > best[0]):
+                    best = (err - got[2], name, got[0], bits, got[1])
+        if best is not None and best[0] > 0:
+            _, name, sparsity, bits, nbytes = best
+            self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = sparsity, bits
+            self.expect[name] = nbytes
 
     def solved(self, layer: str, weight: torch.Tensor) -> None:
         """Record a solved layer's coded bytes and choose the remaining layers again."""
