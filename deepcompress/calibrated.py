@@ -195,6 +195,7 @@ class RatePlan:
         self.at = at
         self.coded: dict[str, int] = {}
         self.expect: dict[str, float] = {}  # each layer's grid bytes as published
+        self.estimate: dict[str, float] = {}  # and its grid error
         self.scale = 1.0  # coded / expected bytes of the layers solved so far
         self.interpolate = True
         self.sparsity: dict[str, float] = {}  # read by compress_layerwise as each layer comes
@@ -206,7 +207,7 @@ class RatePlan:
         for name in left:
             (s, b), nbytes, _ = self.points[name][self.at[name]]
             self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = s, b
-            self.expect[name] = nbytes
+            self.expect[name], self.estimate[name] = nbytes, self.points[name][self.at[name]][2]
         if not self.interpolate:
             return
         spent = self.fixed + sum(self.coded.values()) + self.scale * sum(self.expect[n] for n in left)
@@ -222,7 +223,7 @@ class RatePlan:
         if best is not None and best[0] > 0:
             _, name, sparsity, bits, nbytes = best
             self.sparsity[glob.escape(name)], self.bits[glob.escape(name)] = sparsity, bits
-            self.expect[name] = nbytes
+            self.expect[name], self.estimate[name] = nbytes, self.estimate[name] - best[0]
 
     def solved(self, layer: str, weight: torch.Tensor) -> None:
         """Record a solved layer's coded bytes and choose the remaining layers again."""
@@ -248,9 +249,9 @@ class RatePlan:
 
     def choices(self) -> list[LayerChoice]:
         """Each layer's final settings, planned bytes and error, and coded bytes once solved."""
-        return [LayerChoice(n, self.sparsity[glob.escape(n)], self.points[n][i][0][1],
-                            round(self.expect[n]), self.points[n][i][2], coded=self.coded.get(n))
-                for n, i in self.at.items()]
+        return [LayerChoice(n, self.sparsity[glob.escape(n)], self.bits[glob.escape(n)],
+                            round(self.expect[n]), self.estimate[n], coded=self.coded.get(n))
+                for n in self.at]
 
 
 def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,

@@ -330,6 +330,7 @@ def test_the_room_can_go_to_another_bit_width_of_a_layer_made_sparser_until_it_f
     assert plan.points["last"][plan.at["last"]][0] == (0.5, 3)
     # the 50 B left buy 3 bits at the sparsity where bits 3 take 200 B: 0.5 x (223-200)/(223-150)
     assert plan.bits["last"] == 3 and plan.sparsity["last"] == round(0.5 * 23 / 73, 4)
-    assert plan.choices()[0].bytes == 200
+    assert plan.choices()[0].bytes == 200 and plan.choices()[0].bits == 3
+    assert plan.choices()[0].error == pytest.approx(0.0049 + 23 / 73 * (0.008 - 0.0049))
     assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 100) is None
     assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 300) == (0.0, 223.0, 0.1)
