@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -629,6 +630,24 @@ def zeroed(numel: int, dtype: type) -> np.ndarray:
     return np.frombuffer(area, dtype=dtype)  # the array keeps the mapping alive
 
 
+_PAIRS_FROM = 1 << 18  # tensors this large are looked up a pair of symbols at a time
+_PAIR_TYPES = {1: np.uint16, 2: np.uint32, 4: np.uint64}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def _pair_table(table: np.ndarray) -> np.ndarray | None:
+    """For the values of a lookup table (at most 256), the table of every pair of them indexed
+    by the little-endian uint16 of the two symbols: entry a + 256 b holds table[a] then table[b]
+    as one unsigned word (None for 8-byte values: no wider word)."""
+    word = _PAIR_TYPES.get(table.dtype.itemsize)
+    if word is None or sys.byteorder != "little":
+        return None
+    bits = np.zeros(256, dtype=word)
+    bits[:table.size] = table.view(_UNSIGNED[table.dtype.itemsize])
+    shift = word(8 * table.dtype.itemsize)
+    return ((bits[:, None] << shift) | bits[None, :]).reshape(-1)
+
+
 def _decode_dense(codebook: np.ndarray, nonzero: int, index: tuple, numel: int, what: str
                   ) -> np.ndarray:
     """A dense-layout tensor's bit patterns, decoded straight into the output a chunk of index
@@ -637,13 +656,19 @@ def _decode_dense(codebook: np.ndarray, nonzero: int, index: tuple, numel: int, 
     table = np.zeros(k + 1, dtype=codebook.dtype)
     table[1:] = codebook
     out = zeroed(numel, codebook.dtype)
+    pairs = _pair_table(table) if numel >= _PAIRS_FROM else None
     coding, count, payload = index
     at = found = 0
     for symbols in streams.decode_chunks(coding, count, payload, f"{what} index stream"):
         if int(symbols.max()) > k:
             raise DczError(f"{what}: an index points past the codebook ({k} clusters)")
         found += int(np.count_nonzero(symbols))
-        np.take(table, symbols, out=out[at:at + symbols.size], mode="wrap")  # checked: <= k
+        chunk = out[at:at + symbols.size]
+        even = symbols.size & ~1 if pairs is not None and at % 2 == 0 else 0
+        if even:  # two symbols at a time: the uint16 of a byte pair indexes both values
+            np.take(pairs, symbols[:even].view(np.uint16), out=chunk[:even].view(pairs.dtype),
+                    mode="wrap")  # checked: both bytes <= k
+        np.take(table, symbols[even:], out=chunk[even:], mode="wrap")  # checked: <= k
         at += symbols.size
     if found != nonzero:
         raise DczError(f"{what}: dense index stream holds a different number of nonzeros")

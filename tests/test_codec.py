@@ -391,3 +391,18 @@ def test_lines_and_context_round_trip(tmp_path, rows, cols, k, density, dead_row
                                       seed):
     w = pruned_smooth(rows, cols, k, density, min(dead_rows, rows), min(dead_cols, cols), seed)
     round_trip(tmp_path, {"w": w, "w3": w.reshape(rows, 1, cols), "v": w.reshape(-1)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [1, 2, 4097, 70001])  # 70001: a second chunk of odd length
+def test_dense_indices_looked_up_in_pairs_decode_bit_exact(dtype, numel, monkeypatch, tmp_path):
+    monkeypatch.setattr(codec, "_PAIRS_FROM", 1)  # every dense tensor takes the pair path
+    g = torch.Generator().manual_seed(numel)
+    book = torch.randn(15, generator=g).to(dtype)
+    idx = torch.randint(1, 16, (numel,), generator=g)  # every element a codebook value: dense
+    w = book[idx - 1]
+    write(tmp_path / "w.dcz", {"w": w})
+    with DczFile(tmp_path / "w.dcz") as f:
+        assert numel < 3 or f.entries["w"]["layout"] == "dense"
+    back = read(tmp_path / "w.dcz")["w"]
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), w.view(torch.uint8))
