@@ -154,7 +154,9 @@ def _at_bytes(column: list[tuple[float, int, float]], want: float) -> tuple[floa
     """(sparsity, bytes, error) of a layer at one bit width taking `want` bytes, from its grid
     points (sparsity, bytes, error) at that width: linear in sparsity between the two that
     bracket `want`, the densest point if even it takes less, None if even the sparsest takes
-    more."""
+    more or the bracket starts at sparsity 0 (there a few zeros cost bytes, one more symbol in
+    the dense layout, rather than save them: CREPE's classifier at 14% took 20% more than
+    planned)."""
     column = sorted(column)
     if not column or column[-1][1] > want:
         return None
@@ -162,6 +164,8 @@ def _at_bytes(column: list[tuple[float, int, float]], want: float) -> tuple[floa
         return float(column[0][0]), float(column[0][1]), column[0][2]
     for (s0, b0, e0), (s1, b1, e1) in zip(column, column[1:], strict=False):
         if b0 > want >= b1:
+            if s0 == 0:
+                return None
             f = (b0 - want) / (b0 - b1)
             return round(s0 + f * (s1 - s0), 4), float(want), e0 + f * (e1 - e0)
     return None

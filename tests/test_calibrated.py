@@ -324,13 +324,15 @@ def test_with_distillation_the_biases_are_shared_as_with_a_task(trained, task):
 def test_the_room_can_go_to_another_bit_width_of_a_layer_made_sparser_until_it_fits():
     from deepcompress import calibrated
 
-    # 2 bits dense is cheap and bad; 3 bits dense does not fit, 3 bits at half sparsity does
-    grid = {"last": [((0.0, 2), 135, 0.0233), ((0.0, 3), 223, 0.0049), ((0.5, 3), 150, 0.008)]}
+    # 2 bits at 0.5 is cheap and bad; 3 bits at 0.5 does not fit, 3 bits at 0.7 does
+    grid = {"last": [((0.5, 2), 135, 0.0233), ((0.5, 3), 223, 0.0049), ((0.7, 3), 150, 0.008)]}
     plan = calibrated.RatePlan(grid, fixed=0, target_bytes=200, headroom=0)
-    assert plan.points["last"][plan.at["last"]][0] == (0.5, 3)
-    # the 50 B left buy 3 bits at the sparsity where bits 3 take 200 B: 0.5 x (223-200)/(223-150)
-    assert plan.bits["last"] == 3 and plan.sparsity["last"] == round(0.5 * 23 / 73, 4)
+    assert plan.points["last"][plan.at["last"]][0] == (0.7, 3)
+    # the 50 B left buy 3 bits at the sparsity where bits 3 take 200 B: 0.5 + 0.2 x 23/73
+    assert plan.bits["last"] == 3 and plan.sparsity["last"] == round(0.5 + 0.2 * 23 / 73, 4)
     assert plan.choices()[0].bytes == 200 and plan.choices()[0].bits == 3
     assert plan.choices()[0].error == pytest.approx(0.0049 + 23 / 73 * (0.008 - 0.0049))
-    assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 100) is None
-    assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 300) == (0.0, 223.0, 0.1)
+    assert calibrated._at_bytes([(0.5, 223, 0.1), (0.7, 150, 0.2)], 100) is None
+    assert calibrated._at_bytes([(0.5, 223, 0.1), (0.7, 150, 0.2)], 300) == (0.5, 223.0, 0.1)
+    # not between sparsity 0 and the next: a few zeros can cost bytes in the dense layout
+    assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 200) is None
