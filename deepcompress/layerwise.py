@@ -4,7 +4,7 @@ For a layer with flattened weight W [out, in'] and input second moment H = X^T X
 deepcompress.calibration), the output error of a replacement W' is tr((W - W') H (W - W')^T).
 Both stages sweep the columns left to right in blocks (128 by default), each column's error fed
 back to the columns not yet processed through the upper Cholesky factor U of the damped H^-1
-(damping lambda = 1% of mean diag(H)):
+(damping lambda = 1% of mean diag(H)), computed once per layer for both (`factor`):
 
 - `obs_prune`: Optimal Brain Surgeon pruning with compensation (Hassibi & Stork 1993, made
   practical by SparseGPT, Frantar & Alistarh 2023). In each column block the mask prunes the
