@@ -636,11 +636,11 @@ _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
 def _pair_table(table: np.ndarray) -> np.ndarray | None:
-    """For the values of a lookup table (at most 256), the table of every pair of them indexed
+    """For the values of a lookup table (more than 256: None), the table of every pair of them indexed
     by the little-endian uint16 of the two symbols: entry a + 256 b holds table[a] then table[b]
     as one unsigned word (None for 8-byte values: no wider word)."""
     word = _PAIR_TYPES.get(table.dtype.itemsize)
-    if word is None or sys.byteorder != "little":
+    if word is None or table.size > 256 or sys.byteorder != "little":
         return None
     bits = np.zeros(256, dtype=word)
     bits[:table.size] = table.view(_UNSIGNED[table.dtype.itemsize])
