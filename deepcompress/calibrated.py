@@ -183,7 +183,7 @@ class RatePlan:
     plus the room (bytes and error taken as linear in sparsity between two grid points)."""
 
     def __init__(self, grid: dict[str, list[tuple[tuple[float, int], int, float]]], fixed: int,
-                 target_bytes: int, headroom: float = 0.01):
+                 target_bytes: int, headroom: float = 0.01, interpolate: bool = True):
         self.grid, self.fixed, self.target = grid, fixed, target_bytes
         self.points = {n: hull(p) for n, p in grid.items()}
         self.aim = int(target_bytes * (1 - headroom))
@@ -201,7 +201,7 @@ class RatePlan:
         self.expect: dict[str, float] = {}  # each layer's grid bytes as published
         self.estimate: dict[str, float] = {}  # and its grid error
         self.scale = 1.0  # coded / expected bytes of the layers solved so far
-        self.interpolate = True
+        self.interpolate = interpolate  # off when the layers are pruned before the plan's last word
         self.sparsity: dict[str, float] = {}  # read by compress_layerwise as each layer comes
         self.bits: dict[str, int] = {}
         self._publish()
@@ -259,13 +259,14 @@ class RatePlan:
 
 
 def plan_layers(model: nn.Module, batches: list[Batch], target_bytes: int,
-                config: CompressConfig, reserved: int = 0) -> RatePlan:
+                config: CompressConfig, reserved: int = 0, interpolate: bool = True) -> RatePlan:
     """The (sparsity, bits) per Linear/Conv layer whose coded bytes, with the rest of the
     model's, fit target_bytes at the least summed output error (every layer measured alone on a
     grid, see _grid); `reserved` bytes of the file go to something else (an embedded program)."""
     names = {f"{n}.weight" for n in _selected(model, ("*",), (), 0)}
     rest = {k: v for k, v in model.state_dict().items() if k not in names}
-    return RatePlan(_grid(model, batches, config), dcz.encoded_size(rest) + reserved, target_bytes)
+    return RatePlan(_grid(model, batches, config), dcz.encoded_size(rest) + reserved, target_bytes,
+                    interpolate=interpolate)
 
 
 def _stage(name: str, model: nn.Module, reference: list[list[torch.Tensor]] | None,
@@ -318,7 +319,10 @@ def compress_calibrated(model: nn.Module, batches: list[Batch],
     sparsity, bits, solved = config.sparsity, sc.bits, None
     if config.has_target:
         target = config.target_bytes or int(_fp32_bytes(model.state_dict()) / config.target_ratio)
-        plan = plan_layers(model, batches, target, config, reserved)
+        # distillation prunes every layer first, at the plan's grid sparsities (keep_sparsity
+        # then re-plans the bits on the grid at those): no sparsity between the grid's
+        plan = plan_layers(model, batches, target, config, reserved,
+                           interpolate=not config.distill_epochs)
         sparsity, bits, solved = plan.sparsity, plan.bits, plan.solved
     task = (distill_task(teacher, batches, batch_size=config.batch_size, seed=config.seed,
                          mix=config.distill_mix)

@@ -146,7 +146,7 @@ def distill_task(teacher: nn.Module, inputs: Tensor | Iterable[Tensor], *, loss:
     labelled by the teacher. A student with structured outputs is trained wrapped in FlatOutputs.
     """
     DistillLoss(loss, temperature)
-    if not isinstance(mix, int) or mix < 0:
+    if isinstance(mix, bool) or not isinstance(mix, int) or mix < 0:
         raise CompressError(f"distillation mix {mix!r}: must be a non-negative whole number, e.g. 8")
     if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
         raise CompressError(f"val_fraction {val_fraction!r}: must be in [0, 1), e.g. 0.125")

@@ -336,3 +336,15 @@ def test_the_room_can_go_to_another_bit_width_of_a_layer_made_sparser_until_it_f
     assert calibrated._at_bytes([(0.5, 223, 0.1), (0.7, 150, 0.2)], 300) == (0.5, 223.0, 0.1)
     # not between sparsity 0 and the next: a few zeros can cost bytes in the dense layout
     assert calibrated._at_bytes([(0.0, 223, 0.1), (0.5, 150, 0.2)], 200) is None
+
+
+def test_without_interpolation_the_plan_publishes_grid_points_only():
+    from deepcompress import calibrated
+
+    grid = {"big": [((0.9, 3), 400, 1.0), ((0.8, 3), 600, 0.5), ((0.9, 2), 300, 3.0)],
+            "small": [((0.5, 4), 100, 0.2)]}
+    plan = calibrated.RatePlan(grid, fixed=0, target_bytes=600, headroom=0, interpolate=False)
+    assert plan.sparsity == {"big": 0.9, "small": 0.5}  # not 0.85: distillation prunes at it
+    plan.keep_sparsity()
+    assert [(c.layer, c.sparsity, c.bits, c.bytes) for c in plan.choices()] == [
+        ("big", 0.9, 3, 400), ("small", 0.5, 4, 100)]

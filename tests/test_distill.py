@@ -113,8 +113,9 @@ def test_a_mixed_task_adds_teacher_labelled_mixtures_to_the_training_split_only(
     assert torch.equal(task.val[0], plain.val[0]) and torch.equal(task.train[0][:280], plain.train[0])
     with torch.no_grad():
         assert torch.allclose(task.train[1][280:], model(task.train[0][280:]))
-    with pytest.raises(CompressError, match="non-negative"):
-        distill_task(model, inputs(), mix=-1)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(CompressError, match="non-negative"):
+            distill_task(model, inputs(), mix=bad)
 
 
 def test_mixtures_teach_a_student_the_teacher_away_from_the_few_inputs_given() -> None:
