@@ -580,3 +580,25 @@ def test_memory_guard_turns_huge_allocations_into_memory_error():
     with pytest.raises(MemoryError), memory_guard(1 << 28):
         bytearray(1 << 30)
     assert os.path.exists("/proc/self/status") and math.isfinite(_vm_bytes())
+
+
+@pytest.mark.parametrize("where", ["first pair", "last pair", "odd last symbol"])
+def test_c_dense_index_past_the_codebook_in_the_pair_lookup(tmp_path, where):
+    # above codec._PAIRS_FROM the dense layout is looked up two symbols at a time: a byte past
+    # K in either half of a pair, or in a lone last symbol, is still refused
+    from deepcompress.formats import codec, write
+
+    numel = codec._PAIRS_FROM + 1  # odd: the last symbol is looked up alone
+    book = torch.linspace(0.5, 2.0, 7)
+    w = book[torch.randint(0, 7, (numel,), generator=torch.Generator().manual_seed(0))]
+    write(tmp_path / "base.dcz", {"big": w})
+    f = Forged.read(tmp_path / "base.dcz")
+    i = f.index("big")
+    assert f.entry("big")["layout"] == "dense" and f.entry("big")["clusters"] == 7
+    symbols = bytearray(f.symbols((i, "index")))
+    symbols[{"first pair": 1, "last pair": numel - 3, "odd last symbol": numel - 1}[where]] = 8
+    f.set_stream((i, "index"), bytes(symbols), "raw", len(symbols))
+    path = forged_path(tmp_path, f.to_bytes())
+    assert not check(path)
+    with pytest.raises(DczError, match="points past the codebook"):
+        deepcompress.load_state_dict(path)
