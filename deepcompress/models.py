@@ -25,24 +25,6 @@ class LeNet300(nn.Module):
         return self.fc3(x)
 
 
-class LeNet300BN(nn.Module):
-    """LeNet-300-100 with a BatchNorm after each hidden layer (network slimming prunes by their scales)."""
-
-    def __init__(self, in_features: int = 784, num_classes: int = 10) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, 300)
-        self.bn1 = nn.BatchNorm1d(300)
-        self.fc2 = nn.Linear(300, 100)
-        self.bn2 = nn.BatchNorm1d(100)
-        self.fc3 = nn.Linear(100, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return logits for a (N, 1, H, W) or (N, in_features) batch."""
-        x = torch.relu(self.bn1(self.fc1(torch.flatten(x, 1))))
-        x = torch.relu(self.bn2(self.fc2(x)))
-        return self.fc3(x)
-
-
 class LeNet5(nn.Module):
     """Caffe's LeNet-5: conv 20@5x5, max-pool, conv 50@5x5, max-pool, fc 500, ReLU, fc 10."""
 
@@ -61,18 +43,29 @@ class LeNet5(nn.Module):
         return self.fc2(x)
 
 
-class LeNet5BN(nn.Module):
+class LeNet300BN(LeNet300):
+    """LeNet-300-100 with a BatchNorm after each hidden layer (network slimming prunes by their scales)."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__(in_features, num_classes)
+        self.bn1 = nn.BatchNorm1d(300)
+        self.bn2 = nn.BatchNorm1d(100)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits for a (N, 1, H, W) or (N, in_features) batch."""
+        x = torch.relu(self.bn1(self.fc1(torch.flatten(x, 1))))
+        x = torch.relu(self.bn2(self.fc2(x)))
+        return self.fc3(x)
+
+
+class LeNet5BN(LeNet5):
     """LeNet-5 with a BatchNorm after each hidden layer (network slimming prunes by their scales)."""
 
     def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 20, kernel_size=5)
+        super().__init__(num_classes)
         self.bn1 = nn.BatchNorm2d(20)
-        self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
         self.bn2 = nn.BatchNorm2d(50)
-        self.fc1 = nn.Linear(50 * 4 * 4, 500)
         self.bn3 = nn.BatchNorm1d(500)
-        self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits for a (N, 1, 28, 28) batch."""
