@@ -449,8 +449,7 @@ def main() -> None:
                       "distillation retrained the surviving weights under their masks (commit "
                       "28bfdd4): it fine-tuned the codebooks only; the `--target-ratio 60 "
                       "--distill-epochs 8` row at commit e35211c, before distillation shared the "
-                      "biases and before the plan's interpolated sparsities (7913c5b, "
-                      "364377b); each run takes about an hour here.", pretrained_section(crepe))
+                      "biases (7913c5b); each run takes about an hour here.", pretrained_section(crepe))
     mem = load("memory.json")
     if mem:
         md += section("Peak memory of calibrated compression",
